@@ -1,0 +1,67 @@
+"""Every jaxlm config key, declared once, with its default and what it means.
+
+    jaxlm train --config=configs/base.py --workdir=runs/base
+
+Presets import this file and change only what differs: `from jaxlm.configs import base`.
+The CLI overrides any key declared here with `--config.group.key=value`; a key not declared here
+is rejected. Types come from the defaults below (a `placeholder(int)` is an int that may be None).
+Validation rules (ranges, choices, relations between keys) live in `jaxlm/config.py`.
+"""
+
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+
+    c.model = m = config_dict.ConfigDict()
+    m.vocab_size = 32000  # rows of the embedding table; >= the tokenizer's vocabulary
+    m.d_model = 768  # width of the residual stream
+    m.num_layers = 12  # decoder blocks
+    m.num_heads = 12  # query heads
+    m.num_kv_heads = 12  # key/value heads (grouped-query attention); divides num_heads
+    m.head_dim = config_dict.placeholder(int)  # None: d_model // num_heads
+    m.mlp_dim = 2048  # hidden width of the SwiGLU MLP
+    m.max_seq_len = 2048  # longest sequence the model is meant for (RoPE has no table to size)
+    m.rope_theta = 10000.0  # RoPE base frequency
+    m.norm_eps = 1e-5  # epsilon inside RMSNorm
+    m.tie_embeddings = False  # output projection reuses the embedding table
+    m.init_std = 0.02  # std of the normal init of weights; output projections divide it by sqrt(2 * num_layers)
+    m.dtype = "float32"  # compute dtype of matmuls and activations (bfloat16 on accelerators)
+    m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
+    m.scan_layers = True  # run the stacked layers with lax.scan (fast compile) instead of a Python loop
+    m.remat = "none"  # recompute in backward: none | full | save_dots | save_attn (see model.py)
+    m.attention = "xla"  # attention implementation: xla
+
+    c.data = d = config_dict.ConfigDict()
+    d.dataset = "stdlib"  # dataset name: stdlib (embedded corpus) or a prepared TFDS name
+    d.data_dir = "~/.cache/jaxlm/data"  # where TFDS datasets and tokenizers are prepared
+    d.tokenizer = ""  # sentencepiece model path; "" = the one trained for the dataset
+    d.seq_len = 1024  # tokens per packed training row; <= model.max_seq_len
+
+    c.optim = o = config_dict.ConfigDict()
+    o.lr = 3e-4  # peak learning rate
+    o.schedule = "cosine"  # learning-rate shape after warmup: constant | cosine | linear | wsd
+    o.warmup_steps = 100  # linear warmup from 0 to lr
+    o.weight_decay = 0.1  # AdamW decoupled weight decay
+    o.clip_norm = 1.0  # clip gradients to this global norm; 0 disables clipping
+    o.grad_accum_steps = 1  # microbatches accumulated into one optimizer step
+
+    c.train = t = config_dict.ConfigDict()
+    t.steps = 1000  # optimizer steps
+    t.global_batch_size = 32  # rows per optimizer step, summed over all devices and hosts
+    t.seed = 0  # seed of parameter init and data order
+    t.log_every = 10  # steps between metric lines
+    t.eval_every = 200  # steps between validation passes
+
+    c.checkpoint = k = config_dict.ConfigDict()
+    k.every = 200  # steps between checkpoints (one is always written at the end)
+    k.keep = 3  # most recent checkpoints kept on disk
+
+    c.mesh = s = config_dict.ConfigDict()
+    s.data = -1  # data-parallel replicas; -1 = fill with the devices left over
+    s.stage = 1  # pipeline stages
+    s.fsdp = 1  # fully sharded data parallel: params and optimizer state sharded
+    s.tensor = 1  # tensor (Megatron) parallel
+
+    return c

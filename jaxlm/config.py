@@ -1,0 +1,271 @@
+"""Config loading and validation: ml_collections ConfigDict in, frozen dataclasses out.
+
+Keys are declared once, in `configs/base.py` (installed as `jaxlm.configs.base`); this module owns
+the rules about their values. `load` reads a config file plus `group.key=value` overrides through
+absl's `config_flags` (the same parser the CLI uses), and `validate` turns the result into a
+`Config` of frozen dataclasses, or raises `ConfigError` with one line naming the key at fault.
+
+This module must not derive values into the config (derived values are computed where used) and
+must not import the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import flags
+from ml_collections import config_dict, config_flags
+
+from jaxlm.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from jaxlm.configs import base
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message is one line and names the key."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attn")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
+MESH_AXES = ("data", "stage", "fsdp", "tensor")
+
+CHOICES = {
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "model.remat": REMAT_POLICIES,
+    "model.attention": ATTENTION_IMPLS,
+    "optim.schedule": SCHEDULES,
+}
+
+# Keys that must be > 0 (when not None) and keys that must be >= 0.
+POSITIVE = {
+    "model": ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim", "max_seq_len", "rope_theta", "norm_eps", "init_std"),
+    "data": ("seq_len",),
+    "optim": ("lr", "grad_accum_steps"),
+    "train": ("steps", "global_batch_size", "log_every", "eval_every"),
+    "checkpoint": ("every", "keep"),
+}
+NON_NEGATIVE = {
+    "optim": ("warmup_steps", "weight_decay", "clip_norm"),
+    "train": ("seed",),
+}
+
+
+def _schema() -> dict[str, dict[str, tuple[type, bool]]]:
+    """{group: {key: (type, may_be_none)}} read off the base config."""
+    cfg = base.get_config()
+    return {
+        group: {key: (cfg[group].get_type(key), cfg[group][key] is None) for key in cfg[group]}
+        for group in cfg
+    }
+
+
+SCHEMA = _schema()
+
+
+def _make_group_class(group: str) -> type:
+    fields = [(key, typ | None if optional else typ) for key, (typ, optional) in SCHEMA[group].items()]
+    return dataclasses.make_dataclass(f"{group.title()}Config", fields, frozen=True)
+
+
+ModelConfig = _make_group_class("model")
+DataConfig = _make_group_class("data")
+OptimConfig = _make_group_class("optim")
+TrainConfig = _make_group_class("train")
+CheckpointConfig = _make_group_class("checkpoint")
+MeshConfig = _make_group_class("mesh")
+_GROUP_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "mesh": MeshConfig,
+}
+assert set(_GROUP_CLASSES) == set(SCHEMA), "configs/base.py groups and config.py disagree"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A validated run config. Hashable, so parts of it can be static arguments of `jax.jit`."""
+
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    mesh: MeshConfig
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def replace(self, **groups: Mapping[str, Any]) -> Config:
+        """A copy with some keys changed, validated again: `cfg.replace(model={"dtype": "bfloat16"})`."""
+        d = self.to_dict()
+        for group, values in groups.items():
+            if group not in d:
+                raise ConfigError(f"unknown config group '{group}'; valid groups: {', '.join(d)}")
+            d[group].update(values)
+        return from_dict(d)
+
+
+def _check_type(name: str, value: Any, typ: type, optional: bool) -> Any:
+    if value is None and optional:
+        return None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, typ) and (typ is bool or not isinstance(value, bool)):
+        return value
+    expected = typ.__name__ + (" or None" if optional else "")
+    raise ConfigError(
+        f"config key '{name}' must be {expected}, got {type(value).__name__} {value!r}"
+    )
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Validate a nested mapping (a ConfigDict, or a parsed config.json) into a `Config`.
+
+    Keys missing from `raw` take their defaults from configs/base.py; unknown keys are errors.
+    """
+    if isinstance(raw, config_dict.ConfigDict):
+        raw = raw.to_dict()
+    defaults = base.get_config().to_dict()
+    for group in raw:
+        if group not in SCHEMA:
+            raise ConfigError(
+                f"unknown config group '{group}'; valid groups: {', '.join(SCHEMA)}"
+            )
+        if not isinstance(raw[group], Mapping):
+            raise ConfigError(f"config group '{group}' must be a mapping of keys to values")
+    groups = {}
+    for group, keys in SCHEMA.items():
+        given = raw.get(group, {})
+        for key in given:
+            if key not in keys:
+                raise ConfigError(
+                    f"unknown config key '{group}.{key}' (not declared in configs/base.py)"
+                )
+        values = {}
+        for key, (typ, optional) in keys.items():
+            value = given.get(key, defaults[group][key])
+            values[key] = _check_type(f"{group}.{key}", value, typ, optional)
+        groups[group] = _GROUP_CLASSES[group](**values)
+    cfg = Config(**groups)
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    for name, choices in CHOICES.items():
+        group, key = name.split(".")
+        value = getattr(getattr(cfg, group), key)
+        if value not in choices:
+            raise ConfigError(
+                f"config key '{name}' is {value!r}; valid choices: {', '.join(choices)}"
+            )
+    for group, keys in POSITIVE.items():
+        for key in keys:
+            value = getattr(getattr(cfg, group), key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"config key '{group}.{key}' must be > 0, got {value!r}")
+    for group, keys in NON_NEGATIVE.items():
+        for key in keys:
+            value = getattr(getattr(cfg, group), key)
+            if not value >= 0:
+                raise ConfigError(f"config key '{group}.{key}' must be >= 0, got {value!r}")
+    for key in ("rope_theta", "norm_eps", "init_std", "lr"):
+        group = "optim" if key == "lr" else "model"
+        value = getattr(getattr(cfg, group), key)
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{group}.{key}' must be finite, got {value!r}")
+
+    m = cfg.model
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"config key 'model.num_heads' ({m.num_heads}) must be a multiple of "
+            f"'model.num_kv_heads' ({m.num_kv_heads})"
+        )
+    if m.head_dim is None and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"config key 'model.d_model' ({m.d_model}) must equal num_heads x head_dim: it is not "
+            f"divisible by 'model.num_heads' ({m.num_heads}); set 'model.head_dim' explicitly"
+        )
+    head_dim = m.head_dim or m.d_model // m.num_heads
+    if head_dim % 2:
+        raise ConfigError(f"config key 'model.head_dim' must be even for RoPE, got {head_dim}")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"config key 'data.seq_len' ({cfg.data.seq_len}) exceeds "
+            f"'model.max_seq_len' ({m.max_seq_len})"
+        )
+
+    sizes = {axis: getattr(cfg.mesh, axis) for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if size != -1 and size < 1:
+            raise ConfigError(f"config key 'mesh.{axis}' must be >= 1 or -1 (fill), got {size}")
+    fills = [axis for axis, size in sizes.items() if size == -1]
+    if len(fills) > 1:
+        raise ConfigError(
+            f"config keys {', '.join('mesh.' + a for a in fills)} are all -1; at most one mesh "
+            "axis may fill the remaining devices"
+        )
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Load a config file and `group.key=value` overrides, as the CLI's `--config` flag does.
+
+    `load("configs/tiny.py", ["model.remat=full"])` equals
+    `jaxlm ... --config=configs/tiny.py --config.model.remat=full`.
+    """
+    argv = ["jaxlm", f"--config={path}"]
+    argv += ["--config." + o.removeprefix("--config.") for o in overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", default=None, flag_values=fv, lock_config=True, sys_argv=argv
+    )
+    return parse_flags(fv, argv)
+
+
+def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> Config:
+    """Parse `argv` into `fv` (which defines a `config` file flag) and validate the config.
+
+    Every failure (missing file, file without get_config, unknown key, unparsable value) becomes
+    one `ConfigError` line naming the file or key.
+    """
+    for arg in argv:
+        if arg.startswith(("--config=", "-config=")):
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file '{path}' not found")
+        if arg.startswith(("--config.", "-config.")):
+            name = arg.split("=", 1)[0].split(".", 1)[1]
+            group, _, key = name.partition(".")
+            if key not in SCHEMA.get(group, {}):
+                raise ConfigError(f"unknown config key '{name}' (not declared in configs/base.py)")
+    try:
+        fv(list(argv))
+        raw = fv.config
+    except flags.Error as e:
+        raise ConfigError(one_line(str(e))) from None
+    except (OSError, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
+        raise ConfigError(one_line(str(e))) from None
+    if raw is None:
+        raise ConfigError("no config given: pass --config=PATH (e.g. configs/tiny.py)")
+    if not isinstance(raw, config_dict.ConfigDict):
+        raise ConfigError(f"get_config() in {fv['config'].config_filename} must return a ConfigDict")
+    return from_dict(raw)
+
+
+def one_line(message: str) -> str:
+    """absl wraps errors over several lines with tracebacks' worth of context; keep the gist."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return " ".join(lines)
