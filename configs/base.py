@@ -26,7 +26,7 @@ def get_config() -> config_dict.ConfigDict:
     m.rope_theta = 10000.0  # RoPE base frequency
     m.norm_eps = 1e-5  # epsilon inside RMSNorm
     m.tie_embeddings = False  # output projection reuses the embedding table
-    m.init_std = 0.02  # std of the normal init of weights; output projections divide it by sqrt(2 * num_layers)
+    m.init_std = 0.02  # std of normal weight init; output projections use init_std / sqrt(2 * num_layers)
     m.dtype = "float32"  # compute dtype of matmuls and activations (bfloat16 on accelerators)
     m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
     m.scan_layers = True  # run the stacked layers with lax.scan (fast compile) instead of a Python loop

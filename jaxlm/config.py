@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -251,13 +252,19 @@ def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> Config:
             group, _, key = name.partition(".")
             if key not in SCHEMA.get(group, {}):
                 raise ConfigError(f"unknown config key '{name}' (not declared in configs/base.py)")
+    # config_flags imports every config file as the module "config_config" and re-executes it
+    # in the module it finds in sys.modules, so names left by an earlier file (its get_config!)
+    # would leak into this one. Each load starts from a fresh module.
+    sys.modules.pop("config_config", None)
     try:
-        fv(list(argv))
+        positional = fv(list(argv))[1:]
         raw = fv.config
     except flags.Error as e:
         raise ConfigError(one_line(str(e))) from None
     except (OSError, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
         raise ConfigError(one_line(str(e))) from None
+    if positional:
+        raise ConfigError(f"unexpected argument '{positional[0]}' (flags look like --name=value)")
     if raw is None:
         raise ConfigError("no config given: pass --config=PATH (e.g. configs/tiny.py)")
     if not isinstance(raw, config_dict.ConfigDict):

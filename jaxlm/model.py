@@ -41,13 +41,13 @@ def _param(rngs: nnx.Rngs, shape, names, std: float, cfg: ModelConfig) -> nnx.Pa
     value = init(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
     # eager_sharding=False: the names are logical, and placement is decided by sharding.py from
     # the abstract state, not by Flax at construction time.
-    return nnx.Param(value, sharding_names=names, eager_sharding=False)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, cfg: ModelConfig):
         ones_D = jnp.ones((cfg.d_model,), jnp.dtype(cfg.param_dtype))
-        self.scale_D = nnx.Param(ones_D, sharding_names=("embed",), eager_sharding=False)
+        self.scale_D = nnx.Param(ones_D, out_sharding=("embed",), eager_sharding=False)
         self.eps = cfg.norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
 
@@ -183,11 +183,20 @@ class Decoder(nnx.Module):
             self.w_out_DV = _param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, cfg)
 
     def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+        """Logits for `tokens_BL`. Packed rows pass `segment_ids_BL` (attention stays within a
+        segment) and `positions_BL` (RoPE positions restarting at 0 in each segment)."""
+        return self.from_embeddings(self.embed(tokens_BL), segment_ids_BL, positions_BL)
+
+    def embed(self, tokens_BL):
+        x_BLD = jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        return constrain(x_BLD, ACTIVATION)
+
+    def from_embeddings(self, x_BLD, segment_ids_BL=None, positions_BL=None):
+        """Everything after the embedding lookup: blocks, final norm, output projection."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         if positions_BL is None:
-            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-        x_BLD = constrain(jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(dt), ACTIVATION)
+            positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
         x_BLD = self._run_blocks(x_BLD, positions_BL, segment_ids_BL)
         x_BLD = self.final_norm(x_BLD)
         # Logits come out of the matmul in float32 (accumulated there), whatever the compute dtype.
