@@ -34,10 +34,15 @@ def get_config() -> config_dict.ConfigDict:
     m.attention = "xla"  # attention implementation: xla
 
     c.data = d = config_dict.ConfigDict()
-    d.dataset = "stdlib"  # dataset name: stdlib (embedded corpus) or a prepared TFDS name
-    d.data_dir = "~/.cache/jaxlm/data"  # where TFDS datasets and tokenizers are prepared
-    d.tokenizer = ""  # sentencepiece model path; "" = the one trained for the dataset
+    d.dataset = "stdlib"  # stdlib (embedded corpus) | local (data.files) | a prepared TFDS name, e.g. c4/en
+    d.data_dir = "~/.cache/jaxlm/data"  # where TFDS datasets and tokenizers are prepared and read
+    d.tokenizer = ""  # sentencepiece model path; "" = train one for the dataset on first use
     d.seq_len = 1024  # tokens per packed training row; <= model.max_seq_len
+    d.files = ""  # dataset=local: glob of .txt (a document per file) or .jsonl (a document per line)
+    d.text_field = "text"  # the text's field in local .jsonl lines, or feature of a TFDS dataset
+    d.local_name = "my_text"  # dataset=local: the name the files are prepared under
+    d.train_split = "train"  # split read for training
+    d.eval_split = "validation"  # split read for evaluation (deterministic, finite)
 
     c.optim = o = config_dict.ConfigDict()
     o.lr = 3e-4  # peak learning rate

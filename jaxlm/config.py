@@ -209,6 +209,14 @@ def _check_values(cfg: Config) -> None:
             f"'model.max_seq_len' ({m.max_seq_len})"
         )
 
+    d = cfg.data
+    for key in ("dataset", "data_dir", "text_field", "local_name", "train_split", "eval_split"):
+        if not getattr(d, key):
+            raise ConfigError(f"config key 'data.{key}' must not be empty")
+    if d.dataset == "local" and not d.files:
+        raise ConfigError("config key 'data.files' must be a glob of .txt/.jsonl files when "
+                          "data.dataset is 'local'")
+
     sizes = {axis: getattr(cfg.mesh, axis) for axis in MESH_AXES}
     for axis, size in sizes.items():
         if size != -1 and size < 1:

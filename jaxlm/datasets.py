@@ -1,0 +1,304 @@
+"""Text datasets as TFDS array_record sources: the embedded corpus, local files, catalog datasets.
+
+- `stdlib`: the `.py` files of the running interpreter's standard library (no download, present
+  on every machine that runs jaxlm). One example per file: {"path", "text"}.
+- `local`: users' own `.txt` files (one document per file) or `.jsonl` files (one document per
+  line, text under `data.text_field`), found by the glob `data.files`, prepared under the name
+  `data.local_name`.
+- any other name (`c4/en`, `lm1b`, ...): a TFDS dataset already prepared in array_record format
+  under `data.data_dir`, read from its directory (no catalog code or TensorFlow imported).
+
+`stdlib` and `local` prepare themselves on first use. Preparing writes array_record files (TFDS's
+format that needs no TensorFlow) and a `jaxlm_prepare.json` summary with the counts of skipped
+empty documents and of documents whose invalid UTF-8 was replaced. Train/validation splits are
+decided by a hash of each document's path, so they are stable across runs and machines.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+
+import tensorflow_datasets as tfds
+
+from jaxlm.config import DataConfig
+
+STDLIB = "stdlib"
+LOCAL = "local"
+VALIDATION_PERCENT = 3  # share of documents (by path hash) in the validation split
+SUMMARY_FILE = "jaxlm_prepare.json"
+# Directories of the stdlib that some installs lack or that hold deliberately broken files.
+STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+class _QuietCustomConfigs(logging.Filter):
+    """TFDS logs a warning each time a builder gets a config not in BUILDER_CONFIGS, which is how
+    jaxlm names the stdlib corpus (by Python version) and local datasets (by the user's name)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_QuietCustomConfigs())
+
+
+class DataError(ValueError):
+    """A dataset cannot be found, prepared or read. The message is one line naming the path."""
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+
+
+def validation_keys(keys: list[str]) -> set[str]:
+    """The keys in the validation split: VALIDATION_PERCENT of them by hash, and at least one
+    (the smallest hash) when there are two or more, so small corpora still have a validation set."""
+    chosen = {k for k in keys if _key_hash(k) % 100 < VALIDATION_PERCENT}
+    if not chosen and len(keys) > 1:
+        chosen = {min(keys, key=_key_hash)}
+    return chosen
+
+
+def stdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_files(root: str) -> list[str]:
+    """Relative paths of the stdlib's .py files, sorted, skipping STDLIB_SKIP_DIRS."""
+    found = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in STDLIB_SKIP_DIRS)
+        rel = os.path.relpath(directory, root)
+        found += [os.path.normpath(os.path.join(rel, f)) for f in files if f.endswith(".py")]
+    return sorted(found)
+
+
+def stdlib_config_name() -> str:
+    """The corpus depends on the interpreter: its version names the config, so two Pythons never
+    share one prepared dataset (or tokenizer)."""
+    return f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+class _Counts:
+    """What preparing skipped or repaired, written to SUMMARY_FILE."""
+
+    def __init__(self):
+        self.counts = {"documents": 0, "empty_skipped": 0, "invalid_utf8_replaced": 0,
+                       "missing_field_skipped": 0, "invalid_json_skipped": 0}
+
+    def decode(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.counts["invalid_utf8_replaced"] += 1
+            return raw.decode("utf-8", errors="replace")
+
+    def keep(self, text: str) -> bool:
+        if not text.strip():
+            self.counts["empty_skipped"] += 1
+            return False
+        self.counts["documents"] += 1
+        return True
+
+
+def _text_features():
+    return tfds.features.FeaturesDict({"path": tfds.features.Text(), "text": tfds.features.Text()})
+
+
+class StdlibCorpus(tfds.core.GeneratorBasedBuilder):
+    """The Python standard library's .py sources, one example per file."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, root: str | None = None, max_files: int | None = None, **kwargs):
+        self._root = root or stdlib_root()
+        self._max_files = max_files
+        name = stdlib_config_name()
+        if root is not None or max_files is not None:
+            tag = hashlib.sha256(f"{self._root}|{max_files}".encode()).hexdigest()[:8]
+            name += f"_custom{tag}"
+        self.counts = _Counts()
+        super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=_text_features())
+
+    def _split_generators(self, dl_manager):
+        files = stdlib_files(self._root)[: self._max_files]
+        if not files:
+            raise DataError(f"no .py files under the stdlib root '{self._root}'")
+        validation = validation_keys(files)
+        return {
+            "train": self._generate_examples([f for f in files if f not in validation]),
+            "validation": self._generate_examples([f for f in files if f in validation]),
+        }
+
+    def _generate_examples(self, files):
+        for rel in files:
+            with open(os.path.join(self._root, rel), "rb") as f:
+                text = self.counts.decode(f.read())
+            if self.counts.keep(text):
+                yield rel, {"path": rel, "text": text}
+
+
+class LocalText(tfds.core.GeneratorBasedBuilder):
+    """Users' .txt files (one document each) and .jsonl files (one document per line)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, name: str, pattern: str, text_field: str = "text", **kwargs):
+        self._pattern = os.path.expanduser(pattern)
+        self._text_field = text_field
+        self.counts = _Counts()
+        config = tfds.core.BuilderConfig(name=name, description=f"{pattern} [{text_field}]")
+        super().__init__(config=config, **kwargs)
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=_text_features())
+
+    def _split_generators(self, dl_manager):
+        files = sorted(glob.glob(self._pattern, recursive=True))
+        files = [f for f in files if os.path.isfile(f)]
+        if not files:
+            raise DataError(f"data.files pattern '{self._pattern}' matches no files")
+        # Split by the path relative to the files' common folder: moving the whole tree elsewhere
+        # keeps every document in its split.
+        root = os.path.commonpath([os.path.dirname(f) for f in files])
+        keys = [os.path.relpath(k, root) for f in files for k in self._keys(f)]
+        validation = validation_keys(keys)
+        return {
+            "train": self._generate_examples(files, root, validation, False),
+            "validation": self._generate_examples(files, root, validation, True),
+        }
+
+    def _keys(self, path: str) -> Iterator[str]:
+        """Keys of the documents `path` may hold (before skipping empty or invalid ones)."""
+        if not path.endswith(".jsonl"):
+            yield path
+            return
+        with open(path, "rb") as f:
+            yield from (f"{path}:{i}" for i, line in enumerate(f) if line.strip())
+
+    def _documents(self, path: str, wanted) -> Iterator[tuple[str, str]]:
+        """(key, text) of the documents in `path` whose key `wanted` accepts; only those are
+        decoded, so each document is counted once, by the split that holds it."""
+        if not path.endswith(".jsonl"):
+            if wanted(path):
+                with open(path, "rb") as f:
+                    yield path, self.counts.decode(f.read())
+            return
+        with open(path, "rb") as f:
+            for i, line in enumerate(f):
+                key = f"{path}:{i}"
+                if not line.strip() or not wanted(key):
+                    continue
+                try:
+                    record = json.loads(self.counts.decode(line))
+                except json.JSONDecodeError:
+                    self.counts.counts["invalid_json_skipped"] += 1
+                    continue
+                if not isinstance(record, dict) or not isinstance(record.get(self._text_field), str):
+                    self.counts.counts["missing_field_skipped"] += 1
+                    continue
+                yield key, record[self._text_field]
+
+    def _generate_examples(self, files, root: str, validation: set[str], want_validation: bool):
+        def wanted(key: str) -> bool:
+            return (os.path.relpath(key, root) in validation) == want_validation
+
+        for path in files:
+            for key, text in self._documents(path, wanted):
+                if self.counts.keep(text):
+                    yield key, {"path": key, "text": text}
+
+
+def data_dir(cfg: DataConfig) -> str:
+    return os.path.expanduser(cfg.data_dir)
+
+
+def builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of `cfg.dataset` (prepared or not)."""
+    match cfg.dataset:
+        case "stdlib":
+            return StdlibCorpus(data_dir=data_dir(cfg), file_format="array_record")
+        case "local":
+            return LocalText(name=cfg.local_name, pattern=cfg.files, text_field=cfg.text_field,
+                             data_dir=data_dir(cfg), file_format="array_record")
+        case _:
+            return _prepared_builder(cfg)
+
+
+def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+    name, _, version = cfg.dataset.partition(":")
+    root = os.path.join(data_dir(cfg), name)
+    versions = sorted(
+        (v for v in (os.listdir(root) if os.path.isdir(root) else [])
+         if os.path.isfile(os.path.join(root, v, "dataset_info.json"))),
+        key=lambda v: tuple(int(p) for p in v.split(".") if p.isdigit()),
+    )
+    if version:
+        versions = [v for v in versions if v == version]
+    if not versions:
+        raise DataError(
+            f"dataset '{cfg.dataset}' is not prepared under '{data_dir(cfg)}' (no "
+            f"{name}/<version>/dataset_info.json); prepare it with TFDS in array_record format, "
+            f"or use data.dataset=stdlib or local"
+        )
+    path = os.path.join(root, versions[-1])
+    with open(os.path.join(path, "dataset_info.json")) as f:
+        file_format = json.load(f).get("fileFormat", "tfrecord")
+    if file_format != "array_record":
+        raise DataError(f"dataset at '{path}' is in {file_format} format; jaxlm reads array_record "
+                        "(prepare with file_format='array_record'; tfrecord needs TensorFlow)")
+    return tfds.builder_from_directory(path)
+
+
+def prepare(cfg: DataConfig) -> dict:
+    """Prepare `cfg.dataset` if needed; returns the summary (path, split sizes, skipped counts)."""
+    b = builder(cfg)
+    summary_path = os.path.join(b.data_dir, SUMMARY_FILE)
+    if isinstance(b, (StdlibCorpus, LocalText)) and not _is_prepared(b):
+        os.makedirs(data_dir(cfg), exist_ok=True)
+        try:
+            b.download_and_prepare()
+        except AssertionError as e:  # TFDS refuses to write a split with no examples
+            raise DataError(f"cannot prepare dataset '{cfg.dataset}': {e} (too few non-empty "
+                            "documents for a train and a validation split)") from None
+        with open(summary_path, "w") as f:
+            json.dump(b.counts.counts, f)
+    counts = {}
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            counts = json.load(f)
+    splits = {name: info.num_examples for name, info in b.info.splits.items()}
+    return {"dataset": cfg.dataset, "path": str(b.data_dir), "splits": splits, **counts}
+
+
+def _is_prepared(b: tfds.core.DatasetBuilder) -> bool:
+    return os.path.isfile(os.path.join(b.data_dir, "dataset_info.json"))
+
+
+def source(cfg: DataConfig, split: str):
+    """Random-access source of `split` (prepared on first use for stdlib and local)."""
+    prepare(cfg)
+    b = builder(cfg)
+    if split not in b.info.splits:
+        raise DataError(f"dataset '{cfg.dataset}' has no split '{split}'; it has "
+                        f"{', '.join(sorted(b.info.splits))}")
+    feature = text_feature(cfg)
+    if feature not in b.info.features:
+        raise DataError(f"dataset '{cfg.dataset}' has no feature data.text_field="
+                        f"'{feature}'; it has {', '.join(sorted(b.info.features))}")
+    return b.as_data_source(split)
+
+
+def text_feature(cfg: DataConfig) -> str:
+    """The feature holding the text: always "text" for stdlib and local (for local,
+    data.text_field names the jsonl field read at prepare time), data.text_field otherwise."""
+    return "text" if cfg.dataset in (STDLIB, LOCAL) else cfg.text_field
