@@ -18,7 +18,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed-run
 
 train: $(VENV)/.installed-run
-	$(BIN)/jaxlm smoke --config=configs/tiny.py
+	$(BIN)/jaxlm train --config=configs/tiny.py --workdir=runs/tiny
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

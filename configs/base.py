@@ -51,13 +51,22 @@ def get_config() -> config_dict.ConfigDict:
     o.weight_decay = 0.1  # AdamW decoupled weight decay
     o.clip_norm = 1.0  # clip gradients to this global norm; 0 disables clipping
     o.grad_accum_steps = 1  # microbatches accumulated into one optimizer step
+    o.min_lr_ratio = 0.1  # the schedule ends at lr * min_lr_ratio (cosine, linear, wsd)
+    o.decay_fraction = 0.2  # wsd: share of the steps spent in the final linear decay
+    o.b1 = 0.9  # Adam first-moment decay
+    o.b2 = 0.95  # Adam second-moment decay
+    o.eps = 1e-8  # Adam epsilon
+    o.decay_embeddings = False  # apply weight decay to the embedding table too
+    o.z_loss = 0.0  # weight of the z-loss, mean(logsumexp(logits)^2); 0 disables it
 
     c.train = t = config_dict.ConfigDict()
     t.steps = 1000  # optimizer steps
     t.global_batch_size = 32  # rows per optimizer step, summed over all devices and hosts
     t.seed = 0  # seed of parameter init and data order
     t.log_every = 10  # steps between metric lines
-    t.eval_every = 200  # steps between validation passes
+    t.eval_every = 200  # steps between validation passes (one also runs at the end)
+    t.eval_batches = 0  # validation batches per pass; 0 = the whole validation split
+    t.peak_tflops = 0.0  # per-device peak for MFU; 0 = the device table, or a measured matmul on CPU
 
     c.checkpoint = k = config_dict.ConfigDict()
     k.every = 200  # steps between checkpoints (one is always written at the end)

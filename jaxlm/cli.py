@@ -16,15 +16,19 @@ from ml_collections import config_flags
 from jaxlm import config as config_lib
 
 COMMANDS = {
-    "smoke": "forward/backward/AdamW steps of the model on one synthetic batch (no data needed)",
+    "train": "train a config in --workdir, resuming from its latest checkpoint",
+    "eval": "validation loss and perplexity of a workdir's checkpoint (--step, default latest)",
+    "bench": "time the jitted train step on synthetic tokens: tokens/s, TFLOP/s, MFU",
+    "plot": "write a PNG of loss and learning rate against step from a workdir's metrics",
     "params": "parameter count of a config, from abstract shapes (nothing allocated)",
     "data prepare": "prepare the config's dataset (TFDS array_record) and print its summary",
     "data bench": "tokens/s of the host input pipeline (tokenize + pack + batch)",
     "tokenizer train": "train the config's sentencepiece tokenizer on its train split",
 }
 
-USAGE = "usage: jaxlm <command> --config=PATH [--config.group.key=value ...]\n\ncommands:\n" + "".join(
-    f"  {name:16s} {text}\n" for name, text in COMMANDS.items()
+USAGE = (
+    "usage: jaxlm <command> [--config=PATH] [--config.group.key=value ...] [--workdir=DIR]\n\n"
+    "commands:\n" + "".join(f"  {name:16s} {text}\n" for name, text in COMMANDS.items())
 )
 
 
@@ -32,38 +36,102 @@ class UsageError(Exception):
     pass
 
 
-def _parse(argv: list[str], define_extra=None) -> tuple[config_lib.Config, flags.FlagValues]:
+def _flags(argv: list[str], *, config: bool, define=None):
+    """Parse argv into a private FlagValues: the config (when `config`) and the extra flags."""
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", default=None, flag_values=fv, lock_config=True, sys_argv=argv,
-        help_string="path to a config file, e.g. configs/tiny.py",
-    )
-    if define_extra:
-        define_extra(fv)
-    return config_lib.parse_flags(fv, argv), fv
+    if config:
+        config_flags.DEFINE_config_file(
+            "config", default=None, flag_values=fv, lock_config=True, sys_argv=argv,
+            help_string="path to a config file, e.g. configs/tiny.py",
+        )
+    if define:
+        define(fv)
+    if config:
+        return config_lib.parse_flags(fv, argv), fv
+    try:
+        positional = fv(argv)[1:]
+    except flags.Error as e:
+        raise UsageError(config_lib.one_line(str(e))) from None
+    if positional:
+        raise UsageError(f"unexpected argument '{positional[0]}' (flags look like --name=value)")
+    return None, fv
 
 
-def _smoke(argv: list[str]) -> dict:
-    def define(fv):
-        flags.DEFINE_integer("steps", 20, "number of smoke steps", flag_values=fv, lower_bound=1)
+def _workdir_flag(fv):
+    flags.DEFINE_string("workdir", None, "run directory (config, checkpoints, metrics)", flag_values=fv)
 
-    cfg, fv = _parse(argv, define)
+
+def _need_workdir(fv) -> str:
+    if not fv.workdir:
+        raise UsageError("missing --workdir=DIR")
+    return fv.workdir
+
+
+def _existing_workdir(fv) -> str:
+    import os
+
+    workdir = _need_workdir(fv)
+    if not os.path.isdir(workdir):
+        raise UsageError(f"workdir '{workdir}' does not exist")
+    return workdir
+
+
+def _train(argv: list[str]) -> dict:
+    cfg, fv = _flags(argv, config=True, define=_workdir_flag)
+    workdir = _need_workdir(fv)
     from jaxlm import train
 
-    print("jaxlm smoke: AdamW steps on one synthetic batch; this proves the model trains, "
-          "it is not pretraining (that is `jaxlm train`, arriving with the training loop).")
-    return train.smoke(cfg, fv.steps)
+    result = train.train(cfg, workdir)
+    if "eval_loss" in result:
+        print(f"validation loss {result['eval_loss']:.4f} nats/token, perplexity "
+              f"{result['eval_perplexity']:.2f} ({result['eval_tokens']} tokens) at step {result['step']}")
+    return result
+
+
+def _eval(argv: list[str]) -> dict:
+    def define(fv):
+        _workdir_flag(fv)
+        flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+
+    _, fv = _flags(argv, config=False, define=define)
+    workdir = _existing_workdir(fv)
+    from jaxlm import api
+
+    return api.evaluate_workdir(workdir, fv.step)
+
+
+def _bench(argv: list[str]) -> dict:
+    def define(fv):
+        flags.DEFINE_integer("steps", 10, "timed steps", flag_values=fv, lower_bound=1)
+        flags.DEFINE_integer("warmup", 2, "untimed steps after compiling", flag_values=fv, lower_bound=0)
+
+    cfg, fv = _flags(argv, config=True, define=define)
+    from jaxlm import train
+
+    return train.bench(cfg, fv.steps, fv.warmup)
+
+
+def _plot(argv: list[str]) -> dict:
+    def define(fv):
+        _workdir_flag(fv)
+        flags.DEFINE_string("output", None, "PNG path (default: WORKDIR/training.png)", flag_values=fv)
+
+    _, fv = _flags(argv, config=False, define=define)
+    workdir = _existing_workdir(fv)
+    from jaxlm import plot
+
+    return {"plot": plot.plot(workdir, fv.output)}
 
 
 def _params(argv: list[str]) -> dict:
-    cfg, _ = _parse(argv)
+    cfg, _ = _flags(argv, config=True)
     from jaxlm import model
 
     return {"num_params": model.num_params(cfg.model), "formula": model.num_params_formula(cfg.model)}
 
 
 def _data_prepare(argv: list[str]) -> dict:
-    cfg, _ = _parse(argv)
+    cfg, _ = _flags(argv, config=True)
     from jaxlm import datasets
 
     return datasets.prepare(cfg.data)
@@ -73,7 +141,7 @@ def _data_bench(argv: list[str]) -> dict:
     def define(fv):
         flags.DEFINE_integer("batches", 50, "batches to time", flag_values=fv, lower_bound=1)
 
-    cfg, fv = _parse(argv, define)
+    cfg, fv = _flags(argv, config=True, define=define)
     from jaxlm import data
 
     return data.bench(cfg, fv.batches)
@@ -84,11 +152,23 @@ def _tokenizer_train(argv: list[str]) -> dict:
         flags.DEFINE_string("output", None, "where to write the model (default: the dataset's "
                             "tokenizer path under data.data_dir)", flag_values=fv)
 
-    cfg, fv = _parse(argv, define)
+    cfg, fv = _flags(argv, config=True, define=define)
     from jaxlm import tokenizer
 
     path = tokenizer.train_for_config(cfg, fv.output)
     return {"tokenizer": path, "vocab_size": tokenizer.Tokenizer(path).vocab_size}
+
+
+HANDLERS = {
+    "train": _train,
+    "eval": _eval,
+    "bench": _bench,
+    "plot": _plot,
+    "params": _params,
+    "data prepare": _data_prepare,
+    "data bench": _data_bench,
+    "tokenizer train": _tokenizer_train,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,27 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     words = 2 if argv[1] in ("data", "tokenizer") and len(argv) > 2 else 1
     command = " ".join(argv[1 : 1 + words])
     rest = ["jaxlm " + command, *argv[1 + words :]]
-    from jaxlm import datasets, tokenizer
+    from jaxlm import convert, datasets, tokenizer, train
 
     try:
-        match command:
-            case "smoke":
-                result = _smoke(rest)
-            case "params":
-                result = _params(rest)
-            case "data prepare":
-                result = _data_prepare(rest)
-            case "data bench":
-                result = _data_bench(rest)
-            case "tokenizer train":
-                result = _tokenizer_train(rest)
-            case _:
-                raise UsageError(
-                    f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}"
-                )
-    except (config_lib.ConfigError, UsageError, datasets.DataError, tokenizer.TokenizerError) as e:
+        if command not in HANDLERS:
+            raise UsageError(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")
+        result = HANDLERS[command](rest)
+    except (config_lib.ConfigError, UsageError, datasets.DataError, tokenizer.TokenizerError,
+            convert.ConversionError, FileNotFoundError) as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 2
+    except train.TrainingError as e:
+        print(f"jaxlm: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(result))
     return 0
 

@@ -53,8 +53,8 @@ POSITIVE = {
     "checkpoint": ("every", "keep"),
 }
 NON_NEGATIVE = {
-    "optim": ("warmup_steps", "weight_decay", "clip_norm"),
-    "train": ("seed",),
+    "optim": ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "z_loss"),
+    "train": ("seed", "eval_batches", "peak_tflops"),
 }
 
 
@@ -207,6 +207,18 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'data.seq_len' ({cfg.data.seq_len}) exceeds "
             f"'model.max_seq_len' ({m.max_seq_len})"
+        )
+
+    o = cfg.optim
+    for key in ("b1", "b2", "min_lr_ratio"):
+        if not 0.0 <= getattr(o, key) <= 1.0:
+            raise ConfigError(f"config key 'optim.{key}' must be in [0, 1], got {getattr(o, key)!r}")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(f"config key 'optim.decay_fraction' must be in (0, 1], got {o.decay_fraction!r}")
+    if cfg.train.global_batch_size % o.grad_accum_steps:
+        raise ConfigError(
+            f"config key 'train.global_batch_size' ({cfg.train.global_batch_size}) must be divisible "
+            f"by 'optim.grad_accum_steps' ({o.grad_accum_steps})"
         )
 
     d = cfg.data

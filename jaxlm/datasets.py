@@ -33,8 +33,9 @@ STDLIB = "stdlib"
 LOCAL = "local"
 VALIDATION_PERCENT = 3  # share of documents (by path hash) in the validation split
 SUMMARY_FILE = "jaxlm_prepare.json"
-# Directories of the stdlib that some installs lack or that hold deliberately broken files.
-STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+# Directories of the stdlib that some installs lack or that hold deliberately broken files, and
+# pydoc_data: one generated 750 KB string of English help text, not code.
+STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "pydoc_data"}
 
 
 class _QuietCustomConfigs(logging.Filter):
@@ -114,7 +115,9 @@ def _text_features():
 class StdlibCorpus(tfds.core.GeneratorBasedBuilder):
     """The Python standard library's .py sources, one example per file."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    # Bump when the selection of files changes, so prepared copies are rebuilt, not reused.
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Skip pydoc_data.", "1.0.0": "First version."}
 
     def __init__(self, *, root: str | None = None, max_files: int | None = None, **kwargs):
         self._root = root or stdlib_root()
@@ -265,6 +268,7 @@ def prepare(cfg: DataConfig) -> dict:
     summary_path = os.path.join(b.data_dir, SUMMARY_FILE)
     if isinstance(b, (StdlibCorpus, LocalText)) and not _is_prepared(b):
         os.makedirs(data_dir(cfg), exist_ok=True)
+        tfds.disable_progress_bar()  # our summary below says what was prepared
         try:
             b.download_and_prepare()
         except AssertionError as e:  # TFDS refuses to write a split with no examples
@@ -272,12 +276,19 @@ def prepare(cfg: DataConfig) -> dict:
                             "documents for a train and a validation split)") from None
         with open(summary_path, "w") as f:
             json.dump(b.counts.counts, f)
+        splits = ", ".join(f"{n} {name}" for name, n in _split_sizes(b).items())
+        print(f"prepared dataset {cfg.dataset} at {b.data_dir}: {splits} documents; skipped or "
+              f"repaired: {json.dumps({k: v for k, v in b.counts.counts.items() if k != 'documents'})}",
+              flush=True)
     counts = {}
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             counts = json.load(f)
-    splits = {name: info.num_examples for name, info in b.info.splits.items()}
-    return {"dataset": cfg.dataset, "path": str(b.data_dir), "splits": splits, **counts}
+    return {"dataset": cfg.dataset, "path": str(b.data_dir), "splits": _split_sizes(b), **counts}
+
+
+def _split_sizes(b: tfds.core.DatasetBuilder) -> dict[str, int]:
+    return {name: info.num_examples for name, info in b.info.splits.items()}
 
 
 def _is_prepared(b: tfds.core.DatasetBuilder) -> bool:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
-from jax.sharding import PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "stage", "fsdp", "tensor")
 
@@ -69,3 +70,52 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if rules is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, mesh.axis_names))
+
+
+def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
+    """Mesh (data, stage, fsdp, tensor) from `config.mesh`; one axis of -1 takes what is left."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [getattr(cfg, axis) for axis in MESH_AXES]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} cannot fill "
+                f"{len(devices)} devices: {len(devices)} is not divisible by {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh data x stage x fsdp x tensor = {' x '.join(map(str, sizes))} = "
+            f"{math.prod(sizes)} does not match the {len(devices)} devices present"
+        )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def named_sharding(mesh, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh.axis_names))
+
+
+def tree_shardings(mesh, logical_specs, rules: Rules = DEFAULT_RULES):
+    """Map a tree of logical PartitionSpecs (from `nnx.get_partition_spec`) to NamedShardings."""
+    return jax.tree.map(
+        lambda spec: named_sharding(mesh, tuple(spec), rules),
+        logical_specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    return named_sharding(mesh, ("batch", "length"), rules)
+
+
+def batch_shards(mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """Into how many pieces the batch dimension is split (what global batches must divide by)."""
+    axes = logical_to_spec(("batch",), rules, mesh.axis_names)[0] or ()
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

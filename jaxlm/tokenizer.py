@@ -71,6 +71,20 @@ def _sentences(texts: Iterable[str], budget: int) -> Iterator[str]:
 def train(texts: Iterable[str], vocab_size: int, path: str, sample_bytes: int = SAMPLE_BYTES) -> str:
     """Train a BPE model with jaxlm's special ids on up to `sample_bytes` of `texts`; write `path`."""
     model = io.BytesIO()
+    try:
+        _train_sentencepiece(texts, vocab_size, sample_bytes, model)
+    except RuntimeError as e:  # sentencepiece reports bad settings as RuntimeError
+        message = str(e).strip().splitlines()[0]
+        raise TokenizerError(f"cannot train a {vocab_size}-piece tokenizer: {message}") from None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)  # a half-written model is never taken for a good one
+    return path
+
+
+def _train_sentencepiece(texts, vocab_size: int, sample_bytes: int, model: io.BytesIO) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_sentences(texts, sample_bytes),
         model_writer=model,
@@ -88,12 +102,6 @@ def train(texts: Iterable[str], vocab_size: int, path: str, sample_bytes: int = 
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)  # a half-written model is never taken for a good one
-    return path
 
 
 def default_path(cfg: Config) -> str:
@@ -102,7 +110,7 @@ def default_path(cfg: Config) -> str:
     name = d.local_name if d.dataset == datasets.LOCAL else d.dataset
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     if d.dataset == datasets.STDLIB:
-        slug += "-" + datasets.stdlib_config_name()
+        slug += f"-{datasets.stdlib_config_name()}-v{datasets.StdlibCorpus.VERSION}"
     elif d.dataset == datasets.LOCAL:  # the same name over other files is another tokenizer
         slug += "-" + hashlib.sha256(d.files.encode()).hexdigest()[:8]
     return os.path.join(datasets.data_dir(d), "tokenizers", f"{slug}-bpe{cfg.model.vocab_size}.model")

@@ -1,64 +1,369 @@
-"""Training. For now: the loss, and a smoke run of the tiny model on a synthetic batch.
+"""Training: the train state, the jitted step, evaluation, and the loop.
 
-The full loop (data pipeline, checkpoints, metrics, resume) lands with the training issue; until
-then `jaxlm smoke` proves the model, loss and optimizer compile and learn on this machine.
+The loop, top to bottom: mesh -> tokenizer and data -> abstract state and its shardings ->
+restore the latest checkpoint or init born-sharded -> jit the step (explicit shardings, donated
+state) -> for each step: dispatch, then fetch the previous step's metrics (the device never waits
+on the host), evaluate and checkpoint on their schedule. SIGTERM finishes the current step, saves
+and exits cleanly; a non-finite loss or gradient norm stops with the step named, without saving.
+
+The step is a pure function of (state, batch): no randomness (jaxlm has no dropout), so a resumed
+run replays the uninterrupted one bit for bit given the same data, which the checkpointed grain
+iterator guarantees.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from jaxlm import model
+from jaxlm import checkpoint, data, metrics, model, optim, sharding, tokenizer
 from jaxlm.config import Config
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, incompatible checkpoint). One line."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict  # pure nested dict, the model's parameter layout
+    opt_state: optax.OptState
+
+
+# --- loss ----------------------------------------------------------------------------------------
 
 
 def cross_entropy(logits_BLV, targets_BL, mask_BL=None):
     """Mean token cross-entropy in float32 over the tokens where `mask_BL` is true."""
-    logprobs_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
-    nll_BL = -jnp.take_along_axis(logprobs_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    nll_BL, _ = _nll_and_lse(logits_BLV, targets_BL)
     if mask_BL is None:
         return nll_BL.mean()
     mask_BL = mask_BL.astype(jnp.float32)
     return (nll_BL * mask_BL).sum() / jnp.maximum(mask_BL.sum(), 1.0)
 
 
-def smoke(cfg: Config, steps: int) -> dict:
-    """AdamW steps on one fixed synthetic batch: the loss must fall (the model can memorize it)."""
-    m = cfg.model
-    decoder = model.init(m, seed=cfg.train.seed)
-    graphdef, params = nnx.split(decoder, nnx.Param)
-    tx = optax.adamw(cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    opt_state = tx.init(params)
-    key = jax.random.key(cfg.train.seed)
-    batch = min(cfg.train.global_batch_size, 8)
-    tokens_BL = jax.random.randint(key, (batch, cfg.data.seq_len + 1), 0, m.vocab_size)
+def _nll_and_lse(logits_BLV, targets_BL):
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    return lse_BL - target_logit_BL, lse_BL
 
-    def loss_fn(params):
-        logits_BLV = nnx.merge(graphdef, params)(tokens_BL[:, :-1])
-        return cross_entropy(logits_BLV, tokens_BL[:, 1:])
 
-    @jax.jit
-    def step(params, opt_state):
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+def loss_sums(graphdef, params, batch, z_loss: float = 0.0):
+    """(objective summed over weighted tokens, (nll sum, weight sum)). Sums, not means, so
+    microbatches add up to exactly the whole batch."""
+    logits_BLV = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"], batch["positions"])
+    nll_BL, lse_BL = _nll_and_lse(logits_BLV, batch["targets"])
+    w_BL = batch["weights"]
+    nll_sum = (nll_BL * w_BL).sum()
+    objective = nll_sum + z_loss * (jnp.square(lse_BL) * w_BL).sum()
+    return objective, (nll_sum, w_BL.sum())
 
-    losses = []
-    start = time.perf_counter()
-    for i in range(steps):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
-        print(f"smoke step {i + 1}/{steps}: loss {losses[-1]:.4f}", flush=True)
+
+# --- state ---------------------------------------------------------------------------------------
+
+
+def abstract_state(cfg: Config, tx: optax.GradientTransformation):
+    """(graphdef, abstract TrainState, logical PartitionSpecs of the params): nothing allocated."""
+    abstract_model = model.abstract(cfg.model)
+    graphdef, param_state = nnx.split(abstract_model, nnx.Param)
+    logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(param_state))
+    params = nnx.to_pure_dict(param_state)
+    opt_state = jax.eval_shape(tx.init, params)
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    return graphdef, TrainState(step, params, opt_state), logical_specs
+
+
+def state_shardings(mesh, tx, state: TrainState, logical_specs) -> TrainState:
+    """Params by their logical names; optimizer moments like their params; the rest replicated."""
+    param_shardings = sharding.tree_shardings(mesh, logical_specs)
+    replicated = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, state.opt_state, param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(replicated, param_shardings, opt_shardings)
+
+
+def with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def init_state(cfg: Config, tx, shardings: TrainState) -> TrainState:
+    """A fresh state, each array created directly in its shards (never whole on one device)."""
+
+    def init():
+        graphdef, params = nnx.split(model.init(cfg.model, cfg.train.seed), nnx.Param)
+        params = nnx.to_pure_dict(params)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+# --- steps ---------------------------------------------------------------------------------------
+
+
+def make_train_step(cfg: Config, graphdef, tx):
+    """(state, batch) -> (state, metrics): gradient accumulation over optim.grad_accum_steps
+    microbatches inside the step, then one optimizer update."""
+    accum, z_loss = cfg.optim.grad_accum_steps, cfg.optim.z_loss
+    lr_at = optim.schedule(cfg.optim, cfg.train.steps)
+    grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss), has_aux=True)
+
+    def step(state: TrainState, batch: dict):
+        if accum == 1:
+            grads, (nll_sum, weight) = grad_fn(state.params, batch)
+        else:
+            # Microbatch m takes rows m, m + A, m + 2A, ...: every data shard feeds every microbatch.
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
+            )
+
+            def add(carry, mb):
+                grads, aux = grad_fn(state.params, mb)
+                return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()), jnp.zeros(())))
+            (grads, (nll_sum, weight)), _ = jax.lax.scan(add, zeros, micro)
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = {"loss": nll_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step)}
+        return TrainState(state.step + 1, params, opt_state), out
+
+    return step
+
+
+def make_eval_step(graphdef):
+    def step(params, batch):
+        _, (nll_sum, weight) = loss_sums(graphdef, params, batch)
+        return nll_sum, weight
+
+    return step
+
+
+def evaluate(cfg: Config, graphdef, params, tok, mesh, eval_step=None) -> dict:
+    """Validation loss (nats/token), perplexity and token count over `train.eval_batches` batches
+    (all when 0). Sums stay on device until the end: one host sync per pass."""
+    if eval_step is None:
+        eval_step = jax.jit(make_eval_step(graphdef))
+    batch_sharding = sharding.batch_sharding(mesh)
+    nll, weight = jnp.zeros(()), jnp.zeros(())
+    for i, batch in enumerate(data.eval_dataset(cfg, tok=tok)):
+        if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+            break
+        n, w = eval_step(params, data.to_global(batch, batch_sharding))
+        nll, weight = nll + n, weight + w
+    nll, weight = float(nll), float(weight)
+    loss = nll / max(weight, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(weight)}
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def _prepare_workdir(cfg: Config, workdir: str, resuming: bool) -> tokenizer.Tokenizer:
+    """Write the resolved config; make the workdir self-contained with its tokenizer."""
+    os.makedirs(workdir, exist_ok=True)
+    saved = os.path.join(workdir, "config.json")
+    if resuming and os.path.isfile(saved):
+        with open(saved) as f:
+            old_model = json.load(f)["model"]
+        changed = [k for k, v in cfg.to_dict()["model"].items() if old_model.get(k) != v]
+        if changed:
+            raise TrainingError(f"workdir '{workdir}' holds checkpoints of another model: "
+                                f"model.{changed[0]} differs from its config.json")
+    if jax.process_index() == 0:
+        with open(saved, "w") as f:
+            f.write(cfg.to_json())
+    local = os.path.join(workdir, "tokenizer.model")
+    if resuming and os.path.isfile(local):
+        return tokenizer.for_config(cfg.replace(data={"tokenizer": local}))
+    tok = tokenizer.for_config(cfg)
+    if jax.process_index() == 0 and os.path.abspath(tok.path) != os.path.abspath(local):
+        shutil.copyfile(tok.path, local)
+    return tok
+
+
+def _check_batch_fits(cfg: Config, mesh) -> None:
+    shards = sharding.batch_shards(mesh)
+    rows = cfg.train.global_batch_size // cfg.optim.grad_accum_steps
+    if rows % shards:
+        raise TrainingError(
+            f"config key 'train.global_batch_size' ({cfg.train.global_batch_size}, "
+            f"{rows} rows per microbatch) must be divisible by mesh data x fsdp ({shards})")
+
+
+class _Stop:
+    """SIGTERM sets `requested`; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg: Config, workdir: str) -> dict:
+    """Train `cfg` in `workdir`, resuming from its latest checkpoint. Returns the final metrics."""
+    return run(cfg, workdir)[1]
+
+
+def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
+    """`train`, also returning the final train state."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    _check_batch_fits(cfg, mesh)
+    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.keep)
+    start = ckpt.latest_step() or 0
+    tok = _prepare_workdir(cfg, workdir, resuming=start > 0)
+    train_iter = iter(data.train_dataset(cfg, tok=tok))
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    tx = optim.make(cfg)
+    graphdef, abstract, logical_specs = abstract_state(cfg, tx)
+    shardings = state_shardings(mesh, tx, abstract, logical_specs)
+    peak = metrics.peak_tflops_per_device(cfg.train.peak_tflops)  # may time a matmul: outside the mesh
+    with jax.set_mesh(mesh), sharding.logical_rules():
+        if start:
+            params, opt_state = ckpt.restore(
+                start, with_shardings(abstract.params, shardings.params),
+                with_shardings(abstract.opt_state, shardings.opt_state), train_iter)
+            state = TrainState(jax.device_put(jnp.int32(start), shardings.step), params, opt_state)
+            metrics.truncate_after(workdir, start)
+            print(f"resumed from step {start}", flush=True)
+        else:
+            state = init_state(cfg, tx, shardings)
+        train_step = jax.jit(make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
+                             out_shardings=(shardings, None), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(graphdef))
+
+        writer = metrics.Writer(workdir, cfg.train.steps)
+        flops_token = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        stop = _Stop()
+        pending = None  # (step, device metrics) of the last dispatched step, fetched one step late
+        timer, timed_steps = None, 0  # throughput over the steps since the last log line
+        last_eval: dict = {}
+
+        def finish(step_metrics, step):
+            nonlocal timer, timed_steps
+            host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
+                raise TrainingError(
+                    f"non-finite loss {host['loss']} / grad norm {host['grad_norm']} at step {step}; "
+                    f"stopped without saving (last checkpoint: step {ckpt.latest_step() or 'none'})")
+            now = time.perf_counter()
+            if timer is None:  # the first step compiled: time from here
+                timer, timed_steps = now, 0
+            else:
+                timed_steps += 1
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                if timed_steps:
+                    host.update(metrics.throughput(timed_steps * tokens_per_step, now - timer,
+                                                   flops_token, peak))
+                    timer, timed_steps = now, 0
+                writer.write(step, host)
+
+        try:
+            step = start
+            while step < cfg.train.steps and not stop.requested:
+                batch = data.to_global(next(train_iter), batch_sharding)
+                state, step_metrics = train_step(state, batch)
+                step += 1
+                if pending is not None:
+                    finish(*pending)
+                pending = (step_metrics, step)
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    finish(*pending)
+                    pending = None
+                    eval_start = time.perf_counter()
+                    last_eval = evaluate(cfg, graphdef, state.params, tok, mesh, eval_step)
+                    writer.write(step, last_eval)
+                    if timer is not None:  # throughput counts training time only
+                        timer += time.perf_counter() - eval_start
+                if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop.requested:
+                    if pending is not None:  # never save a state whose loss was not checked
+                        finish(*pending)
+                        pending = None
+                    ckpt.save(step, state.params, state.opt_state, train_iter, cfg)
+            if pending is not None:
+                finish(*pending)
+            if not last_eval and step >= cfg.train.steps:  # e.g. a finished run started again
+                last_eval = evaluate(cfg, graphdef, state.params, tok, mesh, eval_step)
+        finally:
+            stop.restore()
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+    return state, {"step": step, "stopped_by_sigterm": stop.requested, **last_eval}
+
+
+# --- benchmark -----------------------------------------------------------------------------------
+
+
+def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
+    """Time the real train step on synthetic tokens (no data pipeline), after compiling and
+    `warmup` steps. Every performance claim in docs/performance.md cites this."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    _check_batch_fits(cfg, mesh)
+    tx = optim.make(cfg)
+    graphdef, abstract, logical_specs = abstract_state(cfg, tx)
+    shardings = state_shardings(mesh, tx, abstract, logical_specs)
+    batch_sharding = sharding.batch_sharding(mesh)
+    B, L = cfg.train.global_batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(cfg.train.seed)
+    tokens = rng.integers(0, cfg.model.vocab_size, (B, L + 1), dtype=np.int32)
+    batch = {
+        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+        "segment_ids": np.ones((B, L), np.int32),
+        "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+        "weights": np.ones((B, L), np.float32),
+    }
+    with jax.set_mesh(mesh), sharding.logical_rules():
+        batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+        state = init_state(cfg, tx, shardings)
+        step_fn = jax.jit(make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
+                          out_shardings=(shardings, None), donate_argnums=0)
+        compile_start = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        compile_seconds = time.perf_counter() - compile_start
+        for _ in range(warmup):
+            state, out = compiled(state, batch)
+        jax.block_until_ready(out)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, out = compiled(state, batch)
+        jax.block_until_ready(out)
+        seconds = time.perf_counter() - start
+    peak = metrics.peak_tflops_per_device(cfg.train.peak_tflops)
+    rates = metrics.throughput(steps * B * L, seconds, metrics.flops_per_token(cfg.model, L), peak)
     return {
-        "smoke": True,
-        "steps": steps,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "num_params": model.num_params(m),
-        "seconds": round(time.perf_counter() - start, 2),
+        "tokens_per_sec": round(rates["tokens_per_sec"], 1),
+        "step_time_ms": round(1000 * seconds / steps, 2),
+        "tflops_per_device": round(rates["tflops_per_device"], 4),
+        "mfu": round(rates["mfu"], 4),
+        "peak_tflops": round(peak, 4),
+        "num_params": model.num_params(cfg.model),
+        "num_devices": jax.device_count(),
+        "compile_seconds": round(compile_seconds, 2),
+        "device": jax.devices()[0].device_kind,
     }

@@ -286,3 +286,11 @@ def test_empty_glob_is_one_clear_error(tmp_path):
     with pytest.raises(datasets.DataError, match="matches no files") as info:
         datasets.prepare(cfg.data)
     assert str(tmp_path / "nothing") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_tokenizer_training_failure_is_one_line(tmp_path):
+    with pytest.raises(tokenizer.TokenizerError, match="cannot train a 40-piece tokenizer") as info:
+        tokenizer.train(["some text with many different characters: é ü ß 漢 字"], 40,
+                        str(tmp_path / "t.model"))
+    assert "\n" not in str(info.value)
+    assert not os.path.exists(tmp_path / "t.model")
