@@ -3,7 +3,7 @@
     jaxlm train --config=configs/tiny.py --workdir=runs/tiny
 
 What `make train` runs: the Python standard library as text, a 2048-piece BPE tokenizer trained on
-it, 600 steps of 16 x 256 tokens (2.5M tokens), validation on all the held-out files.
+it, 500 steps of 16 x 256 tokens (2M tokens), validation on all the held-out files.
 """
 
 from jaxlm.configs import base
@@ -23,10 +23,10 @@ def get_config():
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.05
-    c.train.steps = 600
+    c.train.steps = 500
     c.train.global_batch_size = 16
     c.train.log_every = 25
-    c.train.eval_every = 300
+    c.train.eval_every = 250
     c.train.eval_batches = 0
-    c.checkpoint.every = 300
+    c.checkpoint.every = 250
     return c

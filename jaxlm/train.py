@@ -260,7 +260,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
         flops_token = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         stop = _Stop()
-        pending = None  # (step, device metrics) of the last dispatched step, fetched one step late
+        pending = None  # (device metrics, step) of the last dispatched step, fetched one step late
         timer, timed_steps = None, 0  # throughput over the steps since the last log line
         last_eval: dict = {}
 

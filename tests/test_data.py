@@ -294,3 +294,57 @@ def test_tokenizer_training_failure_is_one_line(tmp_path):
                         str(tmp_path / "t.model"))
     assert "\n" not in str(info.value)
     assert not os.path.exists(tmp_path / "t.model")
+
+
+def test_prepared_catalog_dataset_by_name(tmp_path):
+    """Any TFDS dataset already prepared in array_record under data_dir is read by its name
+    (here one jaxlm prepared itself, read back as a catalog dataset), with its text feature."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"doc{i}.txt").write_text(f"catalog document {i}\n" * 20)
+    local = config.from_dict({
+        "data": {"dataset": "local", "files": str(src / "*.txt"), "local_name": "catalog_like",
+                 "data_dir": str(tmp_path / "data")},
+    })
+    datasets.prepare(local.data)
+    catalog = local.replace(data={"dataset": "local_text/catalog_like", "text_field": "text"})
+    train_split = datasets.source(catalog.data, "train")
+    texts = sorted(train_split[i]["text"].decode() for i in range(len(train_split)))
+    assert texts and all(t.startswith("catalog document") for t in texts)
+    pinned = catalog.replace(data={"dataset": "local_text/catalog_like:1.0.0"})
+    assert len(datasets.source(pinned.data, "train")) == len(train_split)
+    with pytest.raises(datasets.DataError, match="no feature data.text_field='body'"):
+        datasets.source(catalog.replace(data={"text_field": "body"}).data, "train")
+    with pytest.raises(datasets.DataError, match="no split 'test'"):
+        datasets.source(catalog.data, "test")
+
+
+def test_tfrecord_datasets_are_refused(tmp_path):
+    version_dir = tmp_path / "data" / "old_corpus" / "1.0.0"
+    version_dir.mkdir(parents=True)
+    (version_dir / "dataset_info.json").write_text(json.dumps({"fileFormat": "tfrecord"}))
+    cfg = config.from_dict({"data": {"dataset": "old_corpus", "data_dir": str(tmp_path / "data")}})
+    with pytest.raises(datasets.DataError, match="tfrecord format; jaxlm reads array_record"):
+        datasets.source(cfg.data, "train")
+
+
+def test_data_and_tokenizer_commands(tmp_path, cfg):
+    import subprocess
+    import sys
+
+    common = ["--config=configs/tiny.py", f"--config.data.data_dir={cfg.data.data_dir}",
+              "--config.model.vocab_size=512"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "jaxlm.cli", "data", "prepare", *common],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["splits"]["train"] > 500
+    model_path = tmp_path / "tok.model"
+    out = subprocess.run([sys.executable, "-m", "jaxlm.cli", "tokenizer", "train", *common,
+                          f"--output={model_path}"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == {"tokenizer": str(model_path), "vocab_size": 512}
+    assert tokenizer.Tokenizer(str(model_path)).decode(
+        tokenizer.Tokenizer(str(model_path)).encode("x = 1\n")) == "x = 1\n"
