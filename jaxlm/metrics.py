@@ -50,7 +50,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 _MEASURED: dict[str, float] = {}
 
 
-def measured_cpu_peak_tflops(size: int = 1024, repeats: int = 5) -> float:
+def measured_cpu_peak_tflops(size: int = 1024, repeats: int = 20) -> float:
     """Best float32 matmul rate of this host, in TFLOP/s, shared by its CPU devices."""
     if "cpu" not in _MEASURED:
         device = jax.devices("cpu")[0]

@@ -228,19 +228,23 @@ def train(cfg: Config, workdir: str) -> dict:
     return run(cfg, workdir)[1]
 
 
-def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
-    """`train`, also returning the final train state."""
+def _setup(cfg: Config):
+    """Mesh, optimizer, graphdef, abstract state and its shardings: all from shapes."""
     mesh = sharding.make_mesh(cfg.mesh)
     _check_batch_fits(cfg, mesh)
+    tx = optim.make(cfg)
+    graphdef, abstract, logical_specs = abstract_state(cfg, tx)
+    return mesh, tx, graphdef, abstract, state_shardings(mesh, tx, abstract, logical_specs)
+
+
+def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
+    """`train`, also returning the final train state."""
+    mesh, tx, graphdef, abstract, shardings = _setup(cfg)
+    batch_sharding = sharding.batch_sharding(mesh)
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.keep)
     start = ckpt.latest_step() or 0
     tok = _prepare_workdir(cfg, workdir, resuming=start > 0)
     train_iter = iter(data.train_dataset(cfg, tok=tok))
-    batch_sharding = sharding.batch_sharding(mesh)
-
-    tx = optim.make(cfg)
-    graphdef, abstract, logical_specs = abstract_state(cfg, tx)
-    shardings = state_shardings(mesh, tx, abstract, logical_specs)
     peak = metrics.peak_tflops_per_device(cfg.train.peak_tflops)  # may time a matmul: outside the mesh
     with jax.set_mesh(mesh), sharding.logical_rules():
         if start:
@@ -323,11 +327,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
 def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     """Time the real train step on synthetic tokens (no data pipeline), after compiling and
     `warmup` steps. Every performance claim in docs/performance.md cites this."""
-    mesh = sharding.make_mesh(cfg.mesh)
-    _check_batch_fits(cfg, mesh)
-    tx = optim.make(cfg)
-    graphdef, abstract, logical_specs = abstract_state(cfg, tx)
-    shardings = state_shardings(mesh, tx, abstract, logical_specs)
+    mesh, tx, graphdef, _, shardings = _setup(cfg)
     batch_sharding = sharding.batch_sharding(mesh)
     B, L = cfg.train.global_batch_size, cfg.data.seq_len
     rng = np.random.default_rng(cfg.train.seed)
