@@ -77,5 +77,6 @@ def get_config() -> config_dict.ConfigDict:
     s.stage = 1  # pipeline stages
     s.fsdp = 1  # fully sharded data parallel: params and optimizer state sharded
     s.tensor = 1  # tensor (Megatron) parallel
+    s.sequence_parallel = False  # with tensor > 1: split activations between blocks along length too
 
     return c

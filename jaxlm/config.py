@@ -229,6 +229,9 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("config key 'data.files' must be a glob of .txt/.jsonl files when "
                           "data.dataset is 'local'")
 
+    if cfg.mesh.sequence_parallel and cfg.mesh.tensor == 1:
+        raise ConfigError("config key 'mesh.sequence_parallel' needs 'mesh.tensor' > 1 (it splits "
+                          "activations over the tensor axis)")
     sizes = {axis: getattr(cfg.mesh, axis) for axis in MESH_AXES}
     for axis, size in sizes.items():
         if size != -1 and size < 1:

@@ -116,7 +116,8 @@ class MLP(nnx.Module):
         dt = self.dtype
         gate_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, self.w_gate_DF[...].astype(dt))
         up_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, self.w_up_DF[...].astype(dt))
-        hidden_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
+        # Not "length": under sequence parallelism the MLP sees whole sequences, split on mlp.
+        hidden_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", None, "mlp"))
         return jnp.einsum("BLF,FD->BLD", hidden_BLF, self.w_down_FD[...].astype(dt))
 
 
@@ -210,7 +211,7 @@ class Decoder(nnx.Module):
                 "BLD,DV->BLV", x_BLD, self.w_out_DV[...].astype(dt),
                 preferred_element_type=jnp.float32,
             )
-        return constrain(logits_BLV, ("batch", "length", "vocab"))
+        return constrain(logits_BLV, ("batch", None, "vocab"))
 
     def _run_blocks(self, x_BLD, positions_BL, segment_ids_BL):
         cfg = self.cfg

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from jaxlm.config import ConfigError
+
 MESH_AXES = ("data", "stage", "fsdp", "tensor")
 
 # Logical name -> mesh axes it is split over, in order. A name missing here is replicated.
@@ -63,13 +65,27 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def rules_for(mesh_cfg) -> Rules:
+    """The default rules, plus `length` over `tensor` when mesh.sequence_parallel is set: the
+    residual stream between blocks (norms, residual adds) is then split along the sequence
+    instead of replicated over the tensor axis."""
+    if mesh_cfg.sequence_parallel:
+        return DEFAULT_RULES + (("length", ("tensor",)),)
+    return DEFAULT_RULES
+
+
+def active_axes(mesh) -> tuple[str, ...]:
+    """Mesh axes of size > 1: a spec never names an axis that splits nothing."""
+    return tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Ask XLA to place activation `x` by its logical `names`; a no-op without a mesh and rules."""
     rules = _ACTIVE_RULES.get()
     mesh = jax.sharding.get_abstract_mesh()
     if rules is None or mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, mesh.axis_names))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, active_axes(mesh)))
 
 
 def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
@@ -79,14 +95,14 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(
-                f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} cannot fill "
+            raise ConfigError(
+                f"config keys mesh.* = {dict(zip(MESH_AXES, sizes, strict=True))} cannot fill "
                 f"{len(devices)} devices: {len(devices)} is not divisible by {known}"
             )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"mesh data x stage x fsdp x tensor = {' x '.join(map(str, sizes))} = "
+        raise ConfigError(
+            f"config keys mesh.data x stage x fsdp x tensor = {' x '.join(map(str, sizes))} = "
             f"{math.prod(sizes)} does not match the {len(devices)} devices present"
         )
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
@@ -94,7 +110,7 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
 
 
 def named_sharding(mesh, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(names, rules, mesh.axis_names))
+    return NamedSharding(mesh, logical_to_spec(names, rules, active_axes(mesh)))
 
 
 def tree_shardings(mesh, logical_specs, rules: Rules = DEFAULT_RULES):
@@ -112,10 +128,33 @@ def batch_sharding(mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
 
 def batch_shards(mesh, rules: Rules = DEFAULT_RULES) -> int:
     """Into how many pieces the batch dimension is split (what global batches must divide by)."""
-    axes = logical_to_spec(("batch",), rules, mesh.axis_names)[0] or ()
+    axes = logical_to_spec(("batch",), rules, active_axes(mesh))[0] or ()
     axes = (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)
 
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def check_divisible(mesh, model_cfg, rules: Rules = DEFAULT_RULES) -> None:
+    """Every sharded model dimension divides evenly over its mesh axes; otherwise one
+    ConfigError line naming the config key and the mesh axes (before anything compiles)."""
+    head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
+    dimensions = (  # (logical name, config key, size), checked in this order
+        ("heads", "model.num_heads", model_cfg.num_heads),
+        ("kv_heads", "model.num_kv_heads", model_cfg.num_kv_heads),
+        ("mlp", "model.mlp_dim", model_cfg.mlp_dim),
+        ("vocab", "model.vocab_size", model_cfg.vocab_size),
+        ("embed", "model.d_model", model_cfg.d_model),
+        ("head_dim", "model.head_dim", head_dim),
+        ("layers", "model.num_layers", model_cfg.num_layers),
+    )
+    for name, key, size in dimensions:
+        axes = logical_to_spec((name,), rules, active_axes(mesh))[0] or ()
+        axes = (axes,) if isinstance(axes, str) else axes
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if size % ways:
+            mesh_keys = " x ".join(f"mesh.{a}" for a in axes)
+            raise ConfigError(f"config key '{key}' ({size}) is not divisible by {mesh_keys} "
+                              f"({ways}), over which its '{name}' dimension is sharded")

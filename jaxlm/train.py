@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from jaxlm import checkpoint, data, metrics, model, optim, sharding, tokenizer
-from jaxlm.config import Config
+from jaxlm.config import Config, ConfigError
 
 
 class TrainingError(RuntimeError):
@@ -87,9 +87,10 @@ def abstract_state(cfg: Config, tx: optax.GradientTransformation):
     return graphdef, TrainState(step, params, opt_state), logical_specs
 
 
-def state_shardings(mesh, tx, state: TrainState, logical_specs) -> TrainState:
+def state_shardings(mesh, tx, state: TrainState, logical_specs,
+                    rules: sharding.Rules = sharding.DEFAULT_RULES) -> TrainState:
     """Params by their logical names; optimizer moments like their params; the rest replicated."""
-    param_shardings = sharding.tree_shardings(mesh, logical_specs)
+    param_shardings = sharding.tree_shardings(mesh, logical_specs, rules)
     replicated = sharding.replicated(mesh)
     opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, state.opt_state, param_shardings,
@@ -162,7 +163,7 @@ def evaluate(cfg: Config, graphdef, params, tok, mesh, eval_step=None) -> dict:
     (all when 0). Sums stay on device until the end: one host sync per pass."""
     if eval_step is None:
         eval_step = jax.jit(make_eval_step(graphdef))
-    batch_sharding = sharding.batch_sharding(mesh)
+    batch_sharding = sharding.batch_sharding(mesh, sharding.rules_for(cfg.mesh))
     nll, weight = jnp.zeros(()), jnp.zeros(())
     for i, batch in enumerate(data.eval_dataset(cfg, tok=tok)):
         if cfg.train.eval_batches and i >= cfg.train.eval_batches:
@@ -201,12 +202,12 @@ def _prepare_workdir(cfg: Config, workdir: str, resuming: bool) -> tokenizer.Tok
 
 
 def _check_batch_fits(cfg: Config, mesh) -> None:
-    shards = sharding.batch_shards(mesh)
+    shards = sharding.batch_shards(mesh, sharding.rules_for(cfg.mesh))
     rows = cfg.train.global_batch_size // cfg.optim.grad_accum_steps
     if rows % shards:
-        raise TrainingError(
+        raise ConfigError(
             f"config key 'train.global_batch_size' ({cfg.train.global_batch_size}, "
-            f"{rows} rows per microbatch) must be divisible by mesh data x fsdp ({shards})")
+            f"{rows} rows per microbatch) must be divisible by mesh.data x mesh.fsdp ({shards})")
 
 
 class _Stop:
@@ -228,25 +229,28 @@ def train(cfg: Config, workdir: str) -> dict:
     return run(cfg, workdir)[1]
 
 
-def _setup(cfg: Config):
+def _setup(cfg: Config, devices=None):
     """Mesh, optimizer, graphdef, abstract state and its shardings: all from shapes."""
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
     _check_batch_fits(cfg, mesh)
     tx = optim.make(cfg)
     graphdef, abstract, logical_specs = abstract_state(cfg, tx)
-    return mesh, tx, graphdef, abstract, state_shardings(mesh, tx, abstract, logical_specs)
+    rules = sharding.rules_for(cfg.mesh)
+    sharding.check_divisible(mesh, cfg.model, rules)
+    return mesh, tx, graphdef, abstract, state_shardings(mesh, tx, abstract, logical_specs, rules)
 
 
 def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
     """`train`, also returning the final train state."""
     mesh, tx, graphdef, abstract, shardings = _setup(cfg)
-    batch_sharding = sharding.batch_sharding(mesh)
+    rules = sharding.rules_for(cfg.mesh)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.keep)
     start = ckpt.latest_step() or 0
     tok = _prepare_workdir(cfg, workdir, resuming=start > 0)
     train_iter = iter(data.train_dataset(cfg, tok=tok))
     peak = metrics.peak_tflops_per_device(cfg.train.peak_tflops)  # may time a matmul: outside the mesh
-    with jax.set_mesh(mesh), sharding.logical_rules():
+    with jax.set_mesh(mesh), sharding.logical_rules(rules):
         if start:
             params, opt_state = ckpt.restore(
                 start, with_shardings(abstract.params, shardings.params),
@@ -328,7 +332,8 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     """Time the real train step on synthetic tokens (no data pipeline), after compiling and
     `warmup` steps. Every performance claim in docs/performance.md cites this."""
     mesh, tx, graphdef, _, shardings = _setup(cfg)
-    batch_sharding = sharding.batch_sharding(mesh)
+    rules = sharding.rules_for(cfg.mesh)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
     B, L = cfg.train.global_batch_size, cfg.data.seq_len
     rng = np.random.default_rng(cfg.train.seed)
     tokens = rng.integers(0, cfg.model.vocab_size, (B, L + 1), dtype=np.int32)
@@ -338,7 +343,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
         "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
         "weights": np.ones((B, L), np.float32),
     }
-    with jax.set_mesh(mesh), sharding.logical_rules():
+    with jax.set_mesh(mesh), sharding.logical_rules(rules):
         batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
         state = init_state(cfg, tx, shardings)
         step_fn = jax.jit(make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
