@@ -11,7 +11,6 @@ import json
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from jaxlm import config as config_lib
 
@@ -40,10 +39,7 @@ def _flags(argv: list[str], *, config: bool, define=None):
     """Parse argv into a private FlagValues: the config (when `config`) and the extra flags."""
     fv = flags.FlagValues()
     if config:
-        config_flags.DEFINE_config_file(
-            "config", default=None, flag_values=fv, lock_config=True, sys_argv=argv,
-            help_string="path to a config file, e.g. configs/tiny.py",
-        )
+        config_lib.define_config_flag(fv, argv)
     if define:
         define(fv)
     if config:
@@ -179,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     words = 2 if argv[1] in ("data", "tokenizer") and len(argv) > 2 else 1
     command = " ".join(argv[1 : 1 + words])
     rest = ["jaxlm " + command, *argv[1 + words :]]
+    if command in COMMANDS and any(a in ("-h", "--help", "--helpfull") for a in rest[1:]):
+        print(f"jaxlm {command}: {COMMANDS[command]}\n\n{USAGE}", end="")
+        return 0
     from jaxlm import convert, datasets, tokenizer, train
 
     try:

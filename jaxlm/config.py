@@ -253,10 +253,17 @@ def load(path: str, overrides: Sequence[str] = ()) -> Config:
     argv = ["jaxlm", f"--config={path}"]
     argv += ["--config." + o.removeprefix("--config.") for o in overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", default=None, flag_values=fv, lock_config=True, sys_argv=argv
-    )
+    define_config_flag(fv, argv)
     return parse_flags(fv, argv)
+
+
+def define_config_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+    """`--config=PATH` with `--config.group.key=value` overrides, read from `argv`, locked so an
+    override can only set a declared key."""
+    config_flags.DEFINE_config_file(
+        "config", default=None, flag_values=fv, lock_config=True, sys_argv=list(argv),
+        help_string="path to a config file, e.g. configs/tiny.py",
+    )
 
 
 def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> Config:
