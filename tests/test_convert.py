@@ -6,12 +6,11 @@ import os
 
 import numpy as np
 import pytest
+import torch  # the dev extra (what `make test` installs) pins torch==2.13.0, a CPU wheel
+import transformers
 
 import jaxlm
 from jaxlm import convert
-
-torch = pytest.importorskip("torch")  # the dev extra installs it; `make test` always has it
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 101
 
