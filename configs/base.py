@@ -43,6 +43,7 @@ def get_config() -> config_dict.ConfigDict:
     d.local_name = "my_text"  # dataset=local: the name the files are prepared under
     d.train_split = "train"  # split read for training
     d.eval_split = "validation"  # split read for evaluation (deterministic, finite)
+    d.streams = 0  # independent input streams (0 = one per process); fixed, data order ignores process count
 
     c.optim = o = config_dict.ConfigDict()
     o.lr = 3e-4  # peak learning rate

@@ -55,6 +55,7 @@ POSITIVE = {
 NON_NEGATIVE = {
     "optim": ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "z_loss"),
     "train": ("seed", "eval_batches", "peak_tflops"),
+    "data": ("streams",),
 }
 
 

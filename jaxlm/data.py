@@ -1,12 +1,12 @@
 """The input pipeline: TFDS source -> grain -> tokenize -> pack -> batch -> global jax.Array.
 
     source (array_record, random access)
-      -> this process's shard (every process_count-th document)
+      -> this process's input streams (stream s of S reads every S-th document; see `streams`)
       -> shuffle by seed, reshuffled every epoch, repeated forever          [train only]
       -> tokenize: BOS + ids + EOS per document
       -> pack: concatenate and split into rows of seq_len + 1 tokens (grain's ConcatThenSplit;
          long documents are split across rows, never dropped), with segment ids and positions
-      -> batch: this process's share of train.global_batch_size
+      -> batch: global_batch_size / S rows per stream, this process's streams side by side
       -> model batch: inputs/targets shifted by one, a loss weight per target
 
 The training iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` restore it
@@ -24,7 +24,7 @@ import time
 import grain
 import jax
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, ZipIterDataset
 
 from jaxlm import datasets, tokenizer
 from jaxlm.config import Config
@@ -107,14 +107,38 @@ def packed(cfg: Config, split: str, shard: Shard, train: bool, tok) -> grain.Ite
     return ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.data.seq_len + 1})
 
 
+def streams(cfg: Config, shard: Shard) -> list[Shard]:
+    """The input streams this process reads: streams pid, pid + P, ... of `data.streams`
+    (0 = one per process). Each stream is its own shuffled, packed pipeline over every S-th
+    document, and the global batch is the streams' rows in stream order, so with `data.streams`
+    fixed the batches do not depend on how many processes read them."""
+    total = cfg.data.streams or shard.count
+    if total % shard.count:
+        raise datasets.DataError(f"config key 'data.streams' ({total}) must be a multiple of the "
+                                 f"number of processes ({shard.count})")
+    if cfg.train.global_batch_size % total:
+        raise datasets.DataError(f"config key 'train.global_batch_size' "
+                                 f"({cfg.train.global_batch_size}) must be divisible by the "
+                                 f"number of input streams, data.streams ({total})")
+    return [Shard(i, total) for i in range(shard.index, total, shard.count)]
+
+
+def _concat_rows(parts) -> dict:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def train_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.IterDataset:
     """Infinite, shuffled, packed batches of this process's share; `iter()` it for a resumable
     iterator (`get_state` / `set_state`)."""
     shard = shard or Shard.of_this_process()
     tok = tok or tokenizer.for_config(cfg)
-    batch = per_process_batch(cfg, shard)
-    ds = packed(cfg, cfg.data.train_split, shard, True, tok)
-    return ds.batch(batch, drop_remainder=True).map(model_batch)
+    mine = streams(cfg, shard)
+    rows = cfg.train.global_batch_size // (len(mine) * shard.count)
+    parts = [packed(cfg, cfg.data.train_split, s, True, tok).batch(rows, drop_remainder=True)
+             for s in mine]
+    # One zipped iterator keeps a single checkpointable state for all of this process's streams.
+    ds = parts[0] if len(parts) == 1 else ZipIterDataset(parts).map(_concat_rows)
+    return ds.map(model_batch)
 
 
 def eval_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.IterDataset:
