@@ -72,10 +72,27 @@ def _existing_workdir(fv) -> str:
     return workdir
 
 
+def _distributed_flags(fv):
+    _workdir_flag(fv)
+    flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "processes in this run", flag_values=fv,
+                         lower_bound=1)
+    flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv, lower_bound=0)
+    flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for all processes to join",
+                         flag_values=fv, lower_bound=1)
+
+
 def _train(argv: list[str]) -> dict:
-    cfg, fv = _flags(argv, config=True, define=_workdir_flag)
+    cfg, fv = _flags(argv, config=True, define=_distributed_flags)
     workdir = _need_workdir(fv)
-    from jaxlm import train
+    from jaxlm import distributed, train
+
+    try:
+        distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id,
+                               fv.distributed_timeout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
     result = train.train(cfg, workdir)
     if "eval_loss" in result:

@@ -150,6 +150,14 @@ def eval_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.Ite
     return ds.batch(batch, drop_remainder=False).map(lambda b: model_batch(_pad_rows(b, batch)))
 
 
+def empty_batch(cfg: Config, shard: Shard | None = None) -> dict:
+    """A batch of this process's shape whose weights are all 0 (it adds nothing to a loss)."""
+    rows = per_process_batch(cfg, shard or Shard.of_this_process())
+    zeros = np.zeros((rows, cfg.data.seq_len), np.int32)
+    return {"inputs": zeros, "targets": zeros, "segment_ids": zeros, "positions": zeros,
+            "weights": zeros.astype(np.float32)}
+
+
 def _pad_rows(packed: dict, rows: int) -> dict:
     missing = rows - len(packed["tokens"])
     if missing == 0:

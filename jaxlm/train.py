@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint, data, metrics, model, optim, sharding, tokenizer
 from jaxlm.config import Config, ConfigError
@@ -165,11 +166,20 @@ def evaluate(cfg: Config, graphdef, params, tok, mesh, eval_step=None) -> dict:
         eval_step = jax.jit(make_eval_step(graphdef))
     batch_sharding = sharding.batch_sharding(mesh, sharding.rules_for(cfg.mesh))
     nll, weight = jnp.zeros(()), jnp.zeros(())
-    for i, batch in enumerate(data.eval_dataset(cfg, tok=tok)):
-        if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+    batches = iter(data.eval_dataset(cfg, tok=tok))
+    i = 0
+    while not cfg.train.eval_batches or i < cfg.train.eval_batches:
+        batch = next(batches, None)
+        if jax.process_count() > 1:
+            # Processes hold different numbers of validation batches; all go on while any has one,
+            # the others feeding weight-0 rows, so every process runs the same steps.
+            if not multihost_utils.process_allgather(np.int32(batch is not None)).max():
+                break
+            batch = batch or data.empty_batch(cfg)
+        elif batch is None:
             break
         n, w = eval_step(params, data.to_global(batch, batch_sharding))
-        nll, weight = nll + n, weight + w
+        nll, weight, i = nll + n, weight + w, i + 1
     nll, weight = float(nll), float(weight)
     loss = nll / max(weight, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(weight)}
@@ -247,7 +257,11 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
     batch_sharding = sharding.batch_sharding(mesh, rules)
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.keep)
     start = ckpt.latest_step() or 0
-    tok = _prepare_workdir(cfg, workdir, resuming=start > 0)
+    if jax.process_index() == 0:  # prepares the dataset and tokenizer once, for every process
+        tok = _prepare_workdir(cfg, workdir, resuming=start > 0)
+    multihost_utils.sync_global_devices("jaxlm: data and tokenizer ready")
+    if jax.process_index() != 0:
+        tok = _prepare_workdir(cfg, workdir, resuming=start > 0)
     train_iter = iter(data.train_dataset(cfg, tok=tok))
     peak = metrics.peak_tflops_per_device(cfg.train.peak_tflops)  # may time a matmul: outside the mesh
     with jax.set_mesh(mesh), sharding.logical_rules(rules):

@@ -388,3 +388,8 @@ def test_streams_must_fit_processes_and_batch(cfg, tok):
         data.train_dataset(cfg.replace(data={"streams": 3}), Shard(0, 2), tok)
     with pytest.raises(datasets.DataError, match="train.global_batch_size"):
         data.train_dataset(cfg.replace(data={"streams": 3}), Shard(0, 1), tok)
+
+
+def test_empty_batch_adds_nothing(cfg):
+    batch = data.empty_batch(cfg, Shard(0, 2))
+    assert batch["inputs"].shape == (4, SEQ) and batch["weights"].sum() == 0

@@ -1,0 +1,114 @@
+"""Multi-process runs for real: two local processes with jax.distributed (gloo on CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxlm
+from jaxlm import checkpoint, config, tokenizer, train
+
+pytestmark = pytest.mark.slow
+
+LAUNCH = os.path.join(os.path.dirname(__file__), "..", "tools", "launch_local.sh")
+JAXLM = f"{sys.executable} -m jaxlm.cli"
+SMALL = {
+    "model.vocab_size": 512, "model.d_model": 32, "model.num_layers": 2, "model.num_heads": 4,
+    "model.num_kv_heads": 2, "model.mlp_dim": 64, "model.max_seq_len": 32, "data.seq_len": 32,
+    "train.global_batch_size": 8, "train.log_every": 1, "train.eval_batches": 2,
+    "train.steps": 4, "checkpoint.every": 4, "data.streams": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def flags(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    values = {**SMALL, "data.data_dir": data_dir}
+    # Prepare the corpus and tokenizer once, so the timed runs below only train.
+    tokenizer.for_config(config.load("configs/tiny.py", [f"{k}={v}" for k, v in values.items()]))
+    return ["--config=configs/tiny.py"] + [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def env(**extra):
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**e, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_two_processes_train_like_one(tmp_path, flags):
+    one = str(tmp_path / "one")
+    out = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *flags, f"--workdir={one}"],
+                         capture_output=True, text=True, timeout=300,
+                         env=env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert out.returncode == 0, out.stderr
+
+    two = str(tmp_path / "two")
+    out = subprocess.run(["bash", LAUNCH, "2", "train", *flags, f"--workdir={two}"],
+                         capture_output=True, text=True, timeout=300,
+                         env=env(JAXLM=JAXLM, LOCAL_DEVICES="4", LOG_DIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr + open(tmp_path / "process_1.log").read()
+    assert "joining 2 processes" in out.stdout
+    assert len(losses(two)) == 4
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6)
+
+    # The checkpoint the two processes wrote together restores in one process, bitwise the same
+    # whether onto one device or spread over eight.
+    single = jax.tree.map(np.asarray, nnx.to_pure_dict(jaxlm.load(two).params))
+    cfg = config.from_dict(json.load(open(os.path.join(two, "config.json"))))
+    mesh_cfg = cfg.replace(mesh={"data": 8})
+    _, _, _, abstract, shardings = train._setup(mesh_cfg)
+    _, spread = checkpoint.restore_params(two, train.with_shardings(abstract.params, shardings.params))
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(jax.device_get(spread)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    reference = jax.tree.map(np.asarray, nnx.to_pure_dict(jaxlm.load(one).params))
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_missing_peer_fails_in_bounded_time(tmp_path, flags):
+    start = time.time()
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxlm.cli", "train", *flags, f"--workdir={tmp_path / 'run'}",
+         "--coordinator=127.0.0.1:29631", "--num_processes=2", "--process_id=0",
+         "--distributed_timeout=5"],
+        capture_output=True, text=True, timeout=120, env=env())
+    assert out.returncode != 0
+    assert time.time() - start < 90
+    assert "waiting up to 5 s for all of them" in out.stdout
+
+
+def test_launcher_dry_run_and_failure(tmp_path):
+    out = subprocess.run(["bash", LAUNCH, "--dry-run", "3", "train", "--config=configs/tiny.py",
+                          "--workdir=runs/x"], capture_output=True, text=True, timeout=60,
+                         env=env(PORT="12345", LOCAL_DEVICES="2"))
+    assert out.returncode == 0
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        assert "--xla_force_host_platform_device_count=2" in line
+        assert line.endswith(f"--coordinator=127.0.0.1:12345 --num_processes=3 --process_id={i} "
+                             "--distributed_timeout=120")
+    # A failing process (here: a bad config key) stops the launch with its exit code.
+    out = subprocess.run(["bash", LAUNCH, "2", "train", "--config=configs/tiny.py",
+                          "--config.model.nope=1", f"--workdir={tmp_path / 'x'}"],
+                         capture_output=True, text=True, timeout=120,
+                         env=env(JAXLM=JAXLM, LOG_DIR=str(tmp_path)))
+    assert out.returncode == 2
+    assert "model.nope" in out.stderr
+
+
+def test_multiprocess_flags_must_come_together():
+    out = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", "--config=configs/tiny.py",
+                          "--workdir=/tmp/x", "--num_processes=2"], capture_output=True,
+                         text=True, timeout=120, env=env())
+    assert out.returncode == 2 and "--coordinator" in out.stderr.strip().splitlines()[-1]
