@@ -114,7 +114,8 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict:
     if lm.tokenizer_path:
         cfg = cfg.replace(data={"tokenizer": lm.tokenizer_path})
     tok = tokenizer.for_config(cfg)
-    one_device = config_lib.MeshConfig(data=1, stage=1, fsdp=1, tensor=1)
-    mesh = sharding.make_mesh(one_device, jax.local_devices()[:1])
+    cfg = cfg.replace(mesh={"data": 1, "stage": 1, "fsdp": 1, "tensor": 1,
+                            "sequence_parallel": False})
+    mesh = sharding.make_mesh(cfg.mesh, jax.local_devices()[:1])
     result = train.evaluate(cfg, lm.graphdef, nnx.to_pure_dict(lm.params), tok, mesh)
     return {"step": lm.step, **result}
