@@ -6,7 +6,7 @@ Dimension key (suffixes on tensor and weight names; the name is the shape commen
 
 Every parameter carries logical axis names (batch, length, embed, heads, kv_heads, head_dim, mlp,
 vocab, layers) in its `out_sharding` metadata, and activations at block boundaries go through
-`sharding.constrain`. This file never names a mesh axis: `sharding.py` maps names to the mesh.
+`sharding.constrain`. This file never names a device axis: `sharding.py` maps the names to devices.
 
 Numerics: parameters are stored in `param_dtype` and cast to `dtype` where used; RMSNorm
 statistics, RoPE angles, attention scores and softmax, and the logits are float32.
