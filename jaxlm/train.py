@@ -266,9 +266,18 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
     peak = metrics.peak_tflops_per_device(cfg.train.peak_tflops)  # may time a matmul: outside the mesh
     with jax.set_mesh(mesh), sharding.logical_rules(rules):
         if start:
-            params, opt_state = ckpt.restore(
-                start, with_shardings(abstract.params, shardings.params),
-                with_shardings(abstract.opt_state, shardings.opt_state), train_iter)
+            try:
+                params, opt_state = ckpt.restore(
+                    start, with_shardings(abstract.params, shardings.params),
+                    with_shardings(abstract.opt_state, shardings.opt_state), train_iter)
+            except ValueError as e:  # grain keys iterator files by process index and count
+                if "process_" not in str(e):
+                    raise
+                raise TrainingError(
+                    f"checkpoint {start} in '{workdir}' holds the data position of another number "
+                    f"of processes (this run has {jax.process_count()}); resume with the process "
+                    "count that wrote it, or start a new workdir from jaxlm.load's parameters"
+                ) from None
             state = TrainState(jax.device_put(jnp.int32(start), shardings.step), params, opt_state)
             metrics.truncate_after(workdir, start)
             print(f"resumed from step {start}", flush=True)

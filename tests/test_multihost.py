@@ -74,6 +74,14 @@ def test_two_processes_train_like_one(tmp_path, flags):
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
+    # Resuming the two-process run in one process cannot place its data position: one clear line.
+    out = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *flags, f"--workdir={two}",
+                          "--config.train.steps=6"], capture_output=True, text=True, timeout=300,
+                         env=env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("jaxlm: error: checkpoint 4") and "another number of processes" in last
+
 
 def test_missing_peer_fails_in_bounded_time(tmp_path, flags):
     start = time.time()
