@@ -79,5 +79,6 @@ def get_config() -> config_dict.ConfigDict:
     s.fsdp = 1  # fully sharded data parallel: params and optimizer state sharded
     s.tensor = 1  # tensor (Megatron) parallel
     s.sequence_parallel = False  # with tensor > 1: split activations between blocks along length too
+    s.pipeline_microbatches = 0  # with stage > 1: microbatches per pipelined batch; 0 = 2 x stage
 
     return c

@@ -56,6 +56,7 @@ NON_NEGATIVE = {
     "optim": ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "z_loss"),
     "train": ("seed", "eval_batches", "peak_tflops"),
     "data": ("streams",),
+    "mesh": ("pipeline_microbatches",),
 }
 
 

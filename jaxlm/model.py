@@ -26,6 +26,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm import attention as attention_lib
+from jaxlm import pipeline
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
 
@@ -217,7 +218,7 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.blocks)
 
-        def body(x_BLD, layer):
+        def body(x_BLD, layer, positions_BL, segment_ids_BL):
             block = nnx.merge(graphdef, layer)
             return block(x_BLD, positions_BL, segment_ids_BL), None
 
@@ -226,12 +227,20 @@ class Decoder(nnx.Module):
             body = jax.checkpoint(
                 body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers
             )
-        if cfg.scan_layers:
-            x_BLD, _ = jax.lax.scan(body, x_BLD, stacked)
-        else:
-            for i in range(cfg.num_layers):
-                x_BLD, _ = body(x_BLD, jax.tree.map(lambda a, i=i: a[i], stacked))
-        return x_BLD
+
+        def run_layers(x_BLD, layers, positions_BL, segment_ids_BL):
+            """Every layer of `layers` (stacked on axis 0) in order: scanned or unrolled."""
+            if cfg.scan_layers:
+                step = lambda x, layer: body(x, layer, positions_BL, segment_ids_BL)  # noqa: E731
+                return jax.lax.scan(step, x_BLD, layers)[0]
+            for i in range(jax.tree.leaves(layers)[0].shape[0]):
+                layer = jax.tree.map(lambda a, i=i: a[i], layers)
+                x_BLD, _ = body(x_BLD, layer, positions_BL, segment_ids_BL)
+            return x_BLD
+
+        if pipeline.num_stages() > 1:
+            return pipeline.run(run_layers, x_BLD, stacked, positions_BL, segment_ids_BL)
+        return run_layers(x_BLD, stacked, positions_BL, segment_ids_BL)
 
 
 def init(cfg: ModelConfig, seed: int = 0) -> Decoder:

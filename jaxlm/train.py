@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, data, metrics, model, optim, sharding, tokenizer
+from jaxlm import checkpoint, data, metrics, model, optim, pipeline, sharding, tokenizer
 from jaxlm.config import Config, ConfigError
 
 
@@ -218,6 +218,31 @@ def _check_batch_fits(cfg: Config, mesh) -> None:
         raise ConfigError(
             f"config key 'train.global_batch_size' ({cfg.train.global_batch_size}, "
             f"{rows} rows per microbatch) must be divisible by mesh.data x mesh.fsdp ({shards})")
+    stages = mesh.shape["stage"]
+    if stages > 1:
+        micro = pipeline.resolve_microbatches(cfg.mesh.pipeline_microbatches, stages)
+        if rows % (shards * micro):
+            raise ConfigError(
+                f"config key 'train.global_batch_size' ({cfg.train.global_batch_size}, {rows} rows "
+                f"per step{' per accumulation microbatch' if cfg.optim.grad_accum_steps > 1 else ''}) "
+                f"must be divisible by mesh.data x mesh.fsdp x pipeline microbatches "
+                f"({shards} x {micro}); change it or 'mesh.pipeline_microbatches'")
+
+
+def _pipeline_context(cfg: Config, mesh):
+    """The pipeline microbatch count for models run under `mesh` (a no-op without stages)."""
+    stages = mesh.shape["stage"]
+    return pipeline.microbatches(pipeline.resolve_microbatches(cfg.mesh.pipeline_microbatches, stages))
+
+
+def pipeline_summary(cfg: Config, mesh) -> dict:
+    """{stages, microbatches, bubble fraction} of the GPipe schedule; {} without pipelining."""
+    stages = mesh.shape["stage"]
+    if stages == 1:
+        return {}
+    micro = pipeline.resolve_microbatches(cfg.mesh.pipeline_microbatches, stages)
+    return {"pipeline_stages": stages, "pipeline_microbatches": micro,
+            "pipeline_bubble": round(pipeline.bubble_fraction(stages, micro), 4)}
 
 
 class _Stop:
@@ -242,11 +267,11 @@ def train(cfg: Config, workdir: str) -> dict:
 def _setup(cfg: Config, devices=None):
     """Mesh, optimizer, graphdef, abstract state and its shardings: all from shapes."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.rules_for(cfg.mesh)
+    sharding.check_divisible(mesh, cfg.model, rules)
     _check_batch_fits(cfg, mesh)
     tx = optim.make(cfg)
     graphdef, abstract, logical_specs = abstract_state(cfg, tx)
-    rules = sharding.rules_for(cfg.mesh)
-    sharding.check_divisible(mesh, cfg.model, rules)
     return mesh, tx, graphdef, abstract, state_shardings(mesh, tx, abstract, logical_specs, rules)
 
 
@@ -264,7 +289,10 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
         tok = _prepare_workdir(cfg, workdir, resuming=start > 0)
     train_iter = iter(data.train_dataset(cfg, tok=tok))
     peak = metrics.peak_tflops_per_device(cfg.train.peak_tflops)  # may time a matmul: outside the mesh
-    with jax.set_mesh(mesh), sharding.logical_rules(rules):
+    if jax.process_index() == 0 and (summary := pipeline_summary(cfg, mesh)):
+        print("pipeline: {pipeline_stages} stages, {pipeline_microbatches} microbatches, bubble "
+              "fraction {pipeline_bubble}".format(**summary), flush=True)
+    with jax.set_mesh(mesh), sharding.logical_rules(rules), _pipeline_context(cfg, mesh):
         if start:
             try:
                 params, opt_state = ckpt.restore(
@@ -366,7 +394,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
         "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
         "weights": np.ones((B, L), np.float32),
     }
-    with jax.set_mesh(mesh), sharding.logical_rules(rules):
+    with jax.set_mesh(mesh), sharding.logical_rules(rules), _pipeline_context(cfg, mesh):
         batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
         state = init_state(cfg, tx, shardings)
         step_fn = jax.jit(make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
@@ -394,4 +422,5 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
         "num_devices": jax.device_count(),
         "compile_seconds": round(compile_seconds, 2),
         "device": jax.devices()[0].device_kind,
+        **pipeline_summary(cfg, mesh),
     }

@@ -20,12 +20,17 @@ LAYOUTS = {
     "tp8": {"data": 1, "tensor": 8},
     "dp2_fsdp2_tp2": {"data": 2, "fsdp": 2, "tensor": 2},
     "dp4_tp2_sequence": {"data": 4, "tensor": 2, "sequence_parallel": True},
+    # Pipelines (jaxlm/pipeline.py): 2 stages x 4 microbatches of 2 rows split over fsdp; 4 stages
+    # (one layer each) x 4 microbatches of 2 rows split over data.
+    "stage2_fsdp2_tp2": {"data": 1, "stage": 2, "fsdp": 2, "tensor": 2},
+    "stage4_dp2": {"data": 2, "stage": 4, "pipeline_microbatches": 4},
 }
 
 
 def layout_cfg(mesh, kv_heads=2):
     return config.from_dict({
-        "model": {"vocab_size": 128, "d_model": 32, "num_layers": 2, "num_heads": 8,
+        "model": {"vocab_size": 128, "d_model": 32, "num_layers": max(2, mesh.get("stage", 1)),
+                  "num_heads": 8,
                   "num_kv_heads": 8 if mesh.get("tensor") == 8 else kv_heads, "mlp_dim": 64,
                   "max_seq_len": 16},
         "data": {"seq_len": 16},
@@ -52,7 +57,7 @@ def run_layout(cfg, devices, init_params):
     mesh, tx, graphdef, _, shardings = train._setup(cfg, devices)
     rules = sharding.rules_for(cfg.mesh)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    with jax.set_mesh(mesh), sharding.logical_rules(rules):
+    with jax.set_mesh(mesh), sharding.logical_rules(rules), train._pipeline_context(cfg, mesh):
         params = jax.device_put(init_params, shardings.params)
         state = train.TrainState(jax.device_put(np.int32(0), shardings.step), params,
                                  jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
@@ -74,7 +79,8 @@ def run_layout(cfg, devices, init_params):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_device(name):
     cfg = layout_cfg(LAYOUTS[name])
-    single = cfg.replace(mesh={"data": 1, "fsdp": 1, "tensor": 1, "sequence_parallel": False})
+    single = cfg.replace(mesh={"data": 1, "stage": 1, "fsdp": 1, "tensor": 1,
+                               "sequence_parallel": False})
     init = jax.device_get(nnx_params(single))
     ref_grads, ref_losses, ref_state = run_layout(single, jax.devices()[:1], init)
     grads, losses, state = run_layout(cfg, jax.devices(), init)
@@ -127,6 +133,8 @@ def test_golden_specs_spot_checks():
     assert table["tp8"]["blocks/mlp/w_down_FD"] == "P(None, 'tensor', None)"
     assert table["dp8"]["blocks/mlp/w_up_DF"] == "P(None, None, None)"
     assert table["dp2_fsdp2_tp2"]["blocks/mlp/w_up_DF"] == "P(None, 'fsdp', 'tensor')"
+    assert table["stage2_fsdp2_tp2"]["blocks/mlp/w_up_DF"] == "P('stage', 'fsdp', 'tensor')"
+    assert table["stage4_dp2"]["embed_VD"] == "P(None, None)"
 
 
 @pytest.mark.parametrize(
@@ -142,6 +150,8 @@ def test_golden_specs_spot_checks():
          "model.d_model"),
         ({"data": 4, "stage": 2}, {"num_layers": 3}, 8, "model.num_layers"),
         ({"data": 8}, {}, 12, "train.global_batch_size"),
+        ({"data": 2, "stage": 4, "pipeline_microbatches": 8}, {"num_layers": 4}, 8,
+         "mesh.pipeline_microbatches"),
     ],
 )
 def test_layout_errors_name_the_key(mesh, model, batch, named):
