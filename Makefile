@@ -13,8 +13,13 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e .
 	touch $@
 
+# libtpu (for `jaxlm aot --topology`, compiling for TPUs on this CPU) goes to its own folder, not
+# into the venv: installed there, jax would try to start a TPU on every run. The version is the
+# one the installed jax asks for in its `tpu` extra.
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[dev,hf]'
+	$(BIN)/python -m pip install --no-deps --upgrade --target $(VENV)/tpu "$$($(BIN)/python -c \
+	  'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))')"
 	touch $@ $(VENV)/.installed-run
 
 train: $(VENV)/.installed-run

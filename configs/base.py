@@ -31,7 +31,7 @@ def get_config() -> config_dict.ConfigDict:
     m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
     m.scan_layers = True  # run the stacked layers with lax.scan (fast compile) instead of a Python loop
     m.remat = "none"  # recompute in backward: none | full | save_dots | save_attn (see model.py)
-    m.attention = "xla"  # attention implementation: xla
+    m.attention = "xla"  # attention kernel: xla (reference) | cudnn (NVIDIA GPU, bf16) | splash (TPU) | auto
 
     c.data = d = config_dict.ConfigDict()
     d.dataset = "stdlib"  # stdlib (embedded corpus) | local (data.files) | a prepared TFDS name, e.g. c4/en
@@ -67,6 +67,7 @@ def get_config() -> config_dict.ConfigDict:
     t.log_every = 10  # steps between metric lines
     t.eval_every = 200  # steps between validation passes (one also runs at the end)
     t.eval_batches = 0  # validation batches per pass; 0 = the whole validation split
+    t.profile_steps = 0  # trace this many steps (after the first, compiling one) with jax.profiler into WORKDIR/profile; 0 = off
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = the device table, or a measured matmul on CPU
 
     c.checkpoint = k = config_dict.ConfigDict()

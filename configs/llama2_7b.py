@@ -24,11 +24,13 @@ def get_config():
     c.model.tie_embeddings = False
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
+    c.model.attention = "auto"  # cudnn on NVIDIA GPUs, splash on TPUs, xla elsewhere
     c.data.seq_len = 4096
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 2000
     c.train.steps = 250000
-    c.train.global_batch_size = 1024
+    c.train.global_batch_size = 1024  # 4M tokens per step, as Llama 2
+    c.optim.grad_accum_steps = 64  # 16 rows per microbatch: 2 per device on 8 devices
     c.checkpoint.every = 500
     c.mesh.data = 1
     c.mesh.fsdp = -1

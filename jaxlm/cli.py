@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "train a config in --workdir, resuming from its latest checkpoint",
     "eval": "validation loss and perplexity of a workdir's checkpoint (--step, default latest)",
     "bench": "time the jitted train step on synthetic tokens: tokens/s, TFLOP/s, MFU",
+    "aot": "compile the train step for --devices=N or a TPU --topology: bytes per device, fits",
     "plot": "write a PNG of loss and learning rate against step from a workdir's metrics",
     "params": "parameter count of a config, from abstract shapes (nothing allocated)",
     "data prepare": "prepare the config's dataset (TFDS array_record) and print its summary",
@@ -33,6 +34,14 @@ USAGE = (
 
 class UsageError(Exception):
     pass
+
+
+class DoesNotFit(Exception):
+    """`jaxlm aot`: the report is printed as usual, then the message, and the exit code is 1."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
 
 
 def _flags(argv: list[str], *, config: bool, define=None):
@@ -124,6 +133,55 @@ def _bench(argv: list[str]) -> dict:
     return train.bench(cfg, fv.steps, fv.warmup)
 
 
+def _aot(argv: list[str]) -> dict:
+    def define(fv):
+        flags.DEFINE_integer("devices", None, "compile for N fake CPU devices", flag_values=fv,
+                             lower_bound=1)
+        flags.DEFINE_string("topology", None, "compile for a TPU topology, e.g. v5p:2x2x1 (needs "
+                            "the tpu extra)", flag_values=fv)
+        flags.DEFINE_string("device", None, "device whose memory to check against (h100, v5p, ...; "
+                            "default: the topology's chip)", flag_values=fv)
+        flags.DEFINE_float("memory_gib", None, "device memory in GiB (instead of --device)",
+                           flag_values=fv)
+        flags.DEFINE_float("headroom", 0.1, "share of device memory kept free for the runtime",
+                           flag_values=fv, lower_bound=0.0, upper_bound=0.9)
+
+    cfg, fv = _flags(argv, config=True, define=define)
+    if (fv.devices is None) == (fv.topology is None):
+        raise UsageError("give exactly one of --devices=N (fake CPU devices) or --topology=NAME (TPU)")
+    import os
+
+    import jax
+
+    from jaxlm import aot
+
+    # Everything compiles on the host: fake CPU devices, or libtpu's compiler with no TPU attached.
+    jax.config.update("jax_platforms", "cpu")
+    if fv.devices is not None:
+        xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count")]
+        os.environ["XLA_FLAGS"] = " ".join(xla_flags + [
+            f"--xla_force_host_platform_device_count={fv.devices}"])
+    try:
+        if fv.devices is not None:
+            devices = aot.fake_cpu_devices(fv.devices)
+            if fv.device is None and fv.memory_gib is None:
+                raise UsageError("--devices=N needs --device (h100, a100, ...) or --memory_gib to "
+                                 "check against")
+            target = f"{fv.devices} fake CPU devices"
+        else:
+            devices = aot.tpu_devices(fv.topology)
+            target = f"TPU {fv.topology} ({len(devices)} x {devices[0].device_kind})"
+        name, memory = aot.memory_arg(fv.device, fv.memory_gib, devices)
+    except aot.AotError as e:
+        raise UsageError(str(e)) from None
+    report = aot.check(cfg, devices, memory, fv.headroom, f"{target} as {name}")
+    print(aot.describe(report), flush=True)
+    if not report["fits"]:
+        raise DoesNotFit(aot.not_fitting_message(cfg, report), report)
+    return report
+
+
 def _plot(argv: list[str]) -> dict:
     def define(fv):
         _workdir_flag(fv)
@@ -176,6 +234,7 @@ HANDLERS = {
     "train": _train,
     "eval": _eval,
     "bench": _bench,
+    "aot": _aot,
     "plot": _plot,
     "params": _params,
     "data prepare": _data_prepare,
@@ -206,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 2
     except train.TrainingError as e:
+        print(f"jaxlm: error: {e}", file=sys.stderr)
+        return 1
+    except DoesNotFit as e:
+        print(json.dumps(e.report), flush=True)
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result))

@@ -22,7 +22,6 @@ from typing import Any
 from absl import flags
 from ml_collections import config_dict, config_flags
 
-from jaxlm.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from jaxlm.configs import base
 
 
@@ -39,7 +38,7 @@ CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": REMAT_POLICIES,
-    "model.attention": ATTENTION_IMPLS,
+    "model.attention": ("xla", "cudnn", "splash", "auto"),  # see jaxlm/attention.py
     "optim.schedule": SCHEDULES,
 }
 
@@ -54,7 +53,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     "optim": ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "z_loss"),
-    "train": ("seed", "eval_batches", "peak_tflops"),
+    "train": ("seed", "eval_batches", "peak_tflops", "profile_steps"),
     "data": ("streams",),
     "mesh": ("pipeline_microbatches",),
 }

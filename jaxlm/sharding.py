@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxlm.config import ConfigError
@@ -88,6 +89,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, active_axes(mesh)))
 
 
+def current_specs(names_list: Sequence[Sequence[str | None]]) -> list[PartitionSpec] | None:
+    """PartitionSpecs of several logical name tuples under the current mesh and rules; None when
+    there is no mesh or rules (for code, such as a Pallas kernel, that places data itself)."""
+    rules = _ACTIVE_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return None
+    return [logical_to_spec(names, rules, active_axes(mesh)) for names in names_list]
+
+
 def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
     """Mesh (data, stage, fsdp, tensor) from `config.mesh`; one axis of -1 takes what is left."""
     devices = list(jax.devices() if devices is None else devices)
@@ -105,8 +116,14 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
             f"config keys mesh.data x stage x fsdp x tensor = {' x '.join(map(str, sizes))} = "
             f"{math.prod(sizes)} does not match the {len(devices)} devices present"
         )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    except AssertionError:
+        # jax orders TPU devices by their physical topology only with one device per chip; a
+        # TPU v4 topology compiled for without a TPU lists both cores of each chip. Their order
+        # changes which links collectives use, not what fits, so take them as listed.
+        return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
 
 
 def named_sharding(mesh, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> NamedSharding:

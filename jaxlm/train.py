@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, data, metrics, model, optim, pipeline, sharding, tokenizer
+from jaxlm import attention, checkpoint, data, metrics, model, optim, pipeline, sharding, tokenizer
 from jaxlm.config import Config, ConfigError
 
 
@@ -245,6 +245,33 @@ def pipeline_summary(cfg: Config, mesh) -> dict:
             "pipeline_bubble": round(pipeline.bubble_fraction(stages, micro), 4)}
 
 
+class Profile:
+    """A jax.profiler trace of `count` steps after step `first` (0 = no trace), written to
+    `logdir` for TensorBoard's profile plugin or Perfetto (the .xplane.pb / .trace.json.gz files
+    under logdir/plugins/profile/<run>/)."""
+
+    def __init__(self, logdir: str, first: int, count: int):
+        self.logdir, self.first, self.last = logdir, first, first + count
+        self.active = False
+        self.enabled = count > 0 and jax.process_index() == 0
+
+    def before(self, step: int) -> None:
+        if self.enabled and step == self.first and not self.active:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step >= self.last:
+            jax.block_until_ready(outputs)  # the traced steps' device work lands in the trace
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            print(f"profile of steps {self.first + 1}-{self.last} written to {self.logdir}", flush=True)
+
+
 class _Stop:
     """SIGTERM sets `requested`; the loop finishes its step, saves and exits."""
 
@@ -267,6 +294,7 @@ def train(cfg: Config, workdir: str) -> dict:
 def _setup(cfg: Config, devices=None):
     """Mesh, optimizer, graphdef, abstract state and its shardings: all from shapes."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
+    attention.resolve(cfg.model.attention, cfg.model.dtype, mesh.devices.flat[0].platform)
     rules = sharding.rules_for(cfg.mesh)
     sharding.check_divisible(mesh, cfg.model, rules)
     _check_batch_fits(cfg, mesh)
@@ -342,12 +370,16 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
                     timer, timed_steps = now, 0
                 writer.write(step, host)
 
+        # Trace steps start+2 .. start+1+profile_steps: after the compile, before any eval.
+        profile = Profile(os.path.join(workdir, "profile"), start + 1, cfg.train.profile_steps)
         try:
             step = start
             while step < cfg.train.steps and not stop.requested:
                 batch = data.to_global(next(train_iter), batch_sharding)
+                profile.before(step)
                 state, step_metrics = train_step(state, batch)
                 step += 1
+                profile.after(step, step_metrics)
                 if pending is not None:
                     finish(*pending)
                 pending = (step_metrics, step)
@@ -369,6 +401,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
             if not last_eval and step >= cfg.train.steps:  # e.g. a finished run started again
                 last_eval = evaluate(cfg, graphdef, state.params, tok, mesh, eval_step)
         finally:
+            profile.stop()
             stop.restore()
             ckpt.wait()
             ckpt.close()
