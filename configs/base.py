@@ -67,7 +67,7 @@ def get_config() -> config_dict.ConfigDict:
     t.log_every = 10  # steps between metric lines
     t.eval_every = 200  # steps between validation passes (one also runs at the end)
     t.eval_batches = 0  # validation batches per pass; 0 = the whole validation split
-    t.profile_steps = 0  # trace this many steps (after the first, compiling one) with jax.profiler into WORKDIR/profile; 0 = off
+    t.profile_steps = 0  # steps traced by jax.profiler into WORKDIR/profile, after the compiling one; 0 = off
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = the device table, or a measured matmul on CPU
 
     c.checkpoint = k = config_dict.ConfigDict()

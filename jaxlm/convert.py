@@ -127,13 +127,13 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
 def _layer_table(cfg: ModelConfig):
     D, F, H, G, K = cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
     return {
-        ("attn", "w_q_DHK"): ("self_attn.q_proj.weight", (H * K, D), (D, H, K)),
-        ("attn", "w_k_DGK"): ("self_attn.k_proj.weight", (G * K, D), (D, G, K)),
-        ("attn", "w_v_DGK"): ("self_attn.v_proj.weight", (G * K, D), (D, G, K)),
-        ("attn", "w_o_HKD"): ("self_attn.o_proj.weight", (D, H * K), (H, K, D)),
-        ("mlp", "w_gate_DF"): ("mlp.gate_proj.weight", (F, D), (D, F)),
-        ("mlp", "w_up_DF"): ("mlp.up_proj.weight", (F, D), (D, F)),
-        ("mlp", "w_down_FD"): ("mlp.down_proj.weight", (D, F), (F, D)),
+        ("attn", "w_q_HKD"): ("self_attn.q_proj.weight", (H * K, D), (H, K, D)),
+        ("attn", "w_k_GKD"): ("self_attn.k_proj.weight", (G * K, D), (G, K, D)),
+        ("attn", "w_v_GKD"): ("self_attn.v_proj.weight", (G * K, D), (G, K, D)),
+        ("attn", "w_o_DHK"): ("self_attn.o_proj.weight", (D, H * K), (D, H, K)),
+        ("mlp", "w_gate_FD"): ("mlp.gate_proj.weight", (F, D), (F, D)),
+        ("mlp", "w_up_FD"): ("mlp.up_proj.weight", (F, D), (F, D)),
+        ("mlp", "w_down_DF"): ("mlp.down_proj.weight", (D, F), (D, F)),
         ("attn_norm", "scale_D"): ("input_layernorm.weight", (D,), (D,)),
         ("mlp_norm", "scale_D"): ("post_attention_layernorm.weight", (D,), (D,)),
     }
@@ -146,21 +146,17 @@ def _top_table(cfg: ModelConfig):
         ("final_norm", "scale_D"): ("model.norm.weight", (D,), (D,)),
     }
     if not cfg.tie_embeddings:
-        table[("w_out_DV",)] = ("lm_head.weight", (V, D), (D, V))
+        table[("w_out_VD",)] = ("lm_head.weight", (V, D), (V, D))
     return table
 
 
-def _to_jaxlm(hf_array: np.ndarray, jaxlm_shape, linear: bool) -> np.ndarray:
-    # HF Linear weights are [out, in]; jaxlm's are [in, out] with head axes split out. Norm scales
-    # and the embedding table ([vocab, d_model] in both) pass through.
-    return hf_array.T.reshape(jaxlm_shape) if linear else hf_array
+def _to_jaxlm(hf_array: np.ndarray, jaxlm_shape) -> np.ndarray:
+    # Both store weights [out, in] (jaxlm with the head axes split out), so only reshapes happen.
+    return hf_array.reshape(jaxlm_shape)
 
 
-def _to_hf(ours: np.ndarray, hf_shape, linear: bool) -> np.ndarray:
-    if not linear:
-        return ours
-    rows = hf_shape[1]  # the [in] dimension, which jaxlm stores first
-    return np.ascontiguousarray(ours.reshape(rows, -1).T)
+def _to_hf(ours: np.ndarray, hf_shape) -> np.ndarray:
+    return np.ascontiguousarray(ours.reshape(hf_shape))
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig,
@@ -183,12 +179,10 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig,
     dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else _bf16()
     params: dict = {}
     for path, (name, hf_shape, shape) in _top_table(cfg).items():
-        linear = name == "lm_head.weight"
-        _set(params, path, _to_jaxlm(take(name, hf_shape), shape, linear).astype(dtype))
+        _set(params, path, _to_jaxlm(take(name, hf_shape), shape).astype(dtype))
     for path, (suffix, hf_shape, shape) in _layer_table(cfg).items():
-        linear = not suffix.endswith("layernorm.weight")
         layers = [
-            _to_jaxlm(take(f"model.layers.{i}.{suffix}", hf_shape), shape, linear).astype(dtype)
+            _to_jaxlm(take(f"model.layers.{i}.{suffix}", hf_shape), shape).astype(dtype)
             for i in range(cfg.num_layers)
         ]
         _set(params, ("blocks", *path), np.stack(layers))
@@ -211,12 +205,11 @@ def params_to_hf(params: Mapping, cfg: ModelConfig, dtype: np.dtype | None = Non
         return a if dtype is None else a.astype(dtype)
 
     for path, (name, hf_shape, _) in _top_table(cfg).items():
-        out[name] = _to_hf(cast(_get(params, path)), hf_shape, name == "lm_head.weight")
+        out[name] = _to_hf(cast(_get(params, path)), hf_shape)
     for path, (suffix, hf_shape, _) in _layer_table(cfg).items():
-        linear = not suffix.endswith("layernorm.weight")
         stacked = cast(_get(params, ("blocks", *path)))
         for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.{suffix}"] = _to_hf(stacked[i], hf_shape, linear)
+            out[f"model.layers.{i}.{suffix}"] = _to_hf(stacked[i], hf_shape)
     return out
 
 

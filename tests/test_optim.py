@@ -44,8 +44,8 @@ def test_decay_mask(tiny_cfg):
         assert mask["embed_VD"] is decay_embeddings
         assert mask["final_norm"]["scale_D"] is False
         assert mask["blocks"]["attn_norm"]["scale_D"] is False
-        assert mask["blocks"]["attn"]["w_q_DHK"] is True
-        assert mask["blocks"]["mlp"]["w_down_FD"] is True
+        assert mask["blocks"]["attn"]["w_q_HKD"] is True
+        assert mask["blocks"]["mlp"]["w_down_DF"] is True
 
 
 def test_weight_decay_leaves_norms_alone(tiny_cfg):
@@ -57,7 +57,7 @@ def test_weight_decay_leaves_norms_alone(tiny_cfg):
     updates, _ = tx.update(grads, tx.init(params), params)
     assert np.all(np.asarray(updates["final_norm"]["scale_D"]) == 0)
     assert np.all(np.asarray(updates["embed_VD"]) == 0)
-    assert np.any(np.asarray(updates["blocks"]["mlp"]["w_up_DF"]) != 0)
+    assert np.any(np.asarray(updates["blocks"]["mlp"]["w_up_FD"]) != 0)
 
 
 def _params(cfg):

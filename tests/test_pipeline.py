@@ -125,7 +125,7 @@ def test_pipelined_training_run_logs_bubble_and_restores_on_one_device(tmp_path,
     state, result = train.run(cfg, str(tmp_path / "run"))
     assert "pipeline: 4 stages, 2 microbatches, bubble fraction 0.6" in capsys.readouterr().out
     assert result["step"] == 3 and np.isfinite(result["eval_loss"])
-    layers = state.params["blocks"]["mlp"]["w_up_DF"]
+    layers = state.params["blocks"]["mlp"]["w_up_FD"]
     assert layers.sharding.spec[0] == "stage"  # each stage stores only its own layers
     lm = jaxlm.load(str(tmp_path / "run"))  # onto one device: the pipeline is a layout, not a format
     for a, b in zip(jax.tree.leaves(jax.device_get(lm.params)),

@@ -129,11 +129,12 @@ def test_golden_partition_specs():
 def test_golden_specs_spot_checks():
     table = golden_table()
     assert table["fsdp8"]["embed_VD"] == "P(None, 'fsdp')"
-    assert table["tp8"]["blocks/attn/w_q_DHK"] == "P(None, None, 'tensor', None)"
-    assert table["tp8"]["blocks/mlp/w_down_FD"] == "P(None, 'tensor', None)"
-    assert table["dp8"]["blocks/mlp/w_up_DF"] == "P(None, None, None)"
-    assert table["dp2_fsdp2_tp2"]["blocks/mlp/w_up_DF"] == "P(None, 'fsdp', 'tensor')"
-    assert table["stage2_fsdp2_tp2"]["blocks/mlp/w_up_DF"] == "P('stage', 'fsdp', 'tensor')"
+    assert table["tp8"]["blocks/attn/w_q_HKD"] == "P(None, 'tensor', None, None)"
+    assert table["tp8"]["blocks/mlp/w_down_DF"] == "P(None, None, 'tensor')"
+    assert table["dp8"]["blocks/mlp/w_up_FD"] == "P(None, None, None)"
+    assert table["dp2_fsdp2_tp2"]["blocks/mlp/w_up_FD"] == "P(None, 'tensor', 'fsdp')"
+    assert table["stage2_fsdp2_tp2"]["blocks/mlp/w_up_FD"] == "P('stage', 'tensor', 'fsdp')"
+    assert table["fsdp8"]["w_out_VD"] == "P(None, 'fsdp')"
     assert table["stage4_dp2"]["embed_VD"] == "P(None, None)"
 
 

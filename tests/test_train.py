@@ -225,6 +225,15 @@ def test_bench_json(data_dir):
     assert result["num_devices"] == 1
 
 
+def test_profile_steps_write_a_trace(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    train.train(cfg_for(data_dir, **{"train.steps": 4, "train.profile_steps": 2}), workdir)
+    traces = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(workdir, "profile"))
+              for f in files if f.endswith(".xplane.pb")]
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+    assert "plugins/profile" in traces[0]  # where TensorBoard's profile plugin looks
+
+
 @pytest.mark.parametrize(
     "args,named",
     [
@@ -235,6 +244,9 @@ def test_bench_json(data_dir):
         (["train", "--config=configs/tiny.py"], "--workdir"),
         (["eval", "--workdir=/nonexistent/run"], "/nonexistent/run"),
         (["eval"], "--workdir"),
+        (["train", "--config=configs/tiny.py", "--config.model.attention=cudnn", "--workdir=/tmp/x"],
+         "model.attention"),
+        (["bench", "--config=configs/tiny.py", "--config.model.attention=splash"], "a TPU kernel"),
     ],
 )
 def test_cli_errors(args, named):
