@@ -296,11 +296,12 @@ def test_documented_dry_runs_match_the_scripts(fakes):
     env, invoked, log = fakes
     doc = open(os.path.join(ROOT, "docs", "launch.md")).read().splitlines()
     tpu = run(TPU, ["--dry-run", "train", "--config=configs/llama2_7b.py", "--workdir=/mnt/shared/runs/7b",
-                    "--config.data.data_dir=/mnt/shared/data", "--config.optim.grad_accum_steps=8"],
+                    "--config.data.data_dir=/mnt/shared/data", "--config.optim.grad_accum_steps=16"],
               env(TPU_NAME="my-v5p", ZONE="us-east5-a"))
     slurm = run(SLURM, ["--dry-run", "train", "--config=configs/llama2_7b.py", "--workdir=/shared/runs/7b",
                         "--config.data.data_dir=/shared/data", "--config.mesh.data=-1",
-                        "--config.mesh.fsdp=8"], env(JAXLM_DIR="/shared/jaxlm"))
+                        "--config.mesh.fsdp=8", "--config.optim.grad_accum_steps=4"],
+                env(JAXLM_DIR="/shared/jaxlm"))
     for out in (tpu, slurm):
         [line] = lines(out)
         assert line in doc
