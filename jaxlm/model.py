@@ -214,16 +214,8 @@ class Decoder(nnx.Module):
     def _run_blocks(self, x_BLD, positions_BL, segment_ids_BL):
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.blocks)
-        is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
-        layer_names = jax.tree.map(lambda spec: tuple(spec)[1:], nnx.get_partition_spec(stacked),
-                                   is_leaf=is_spec)
 
         def body(x_BLD, layer, positions_BL, segment_ids_BL):
-            # Pin each layer's weights (and so, by transposition, their gradients) to their own
-            # sharding inside the loop: without it XLA may gather the whole stack at once or
-            # build every layer's full gradient before reducing it (a model-sized buffer).
-            layer = jax.tree.map(constrain, layer, layer_names,
-                                 is_leaf=lambda x: isinstance(x, tuple))
             block = nnx.merge(graphdef, layer)
             return block(x_BLD, positions_BL, segment_ids_BL), None
 
