@@ -135,8 +135,7 @@ def compile_train_step(cfg: Config, devices):
     state = train.with_shardings(abstract, shardings)
     start = time.perf_counter()
     with jax.set_mesh(mesh), sharding.logical_rules(rules), train._pipeline_context(cfg, mesh):
-        step = jax.jit(train.make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, None), donate_argnums=0)
+        step = train.jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
         compiled = step.lower(state, abstract_batch(cfg, batch_sharding)).compile()
     return compiled, mesh, time.perf_counter() - start
 

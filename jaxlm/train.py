@@ -151,6 +151,12 @@ def make_train_step(cfg: Config, graphdef, tx):
     return step
 
 
+def jit_train_step(cfg: Config, graphdef, tx, shardings: TrainState, batch_sharding):
+    """The train step as `jaxlm train`, `bench` and `aot` run it: explicit shardings, donated state."""
+    return jax.jit(make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, None), donate_argnums=0)
+
+
 def make_eval_step(graphdef):
     def step(params, batch):
         _, (nll_sum, weight) = loss_sums(graphdef, params, batch)
@@ -339,8 +345,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
             print(f"resumed from step {start}", flush=True)
         else:
             state = init_state(cfg, tx, shardings)
-        train_step = jax.jit(make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
-                             out_shardings=(shardings, None), donate_argnums=0)
+        train_step = jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
         eval_step = jax.jit(make_eval_step(graphdef))
 
         writer = metrics.Writer(workdir, cfg.train.steps)
@@ -430,8 +435,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     with jax.set_mesh(mesh), sharding.logical_rules(rules), _pipeline_context(cfg, mesh):
         batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
         state = init_state(cfg, tx, shardings)
-        step_fn = jax.jit(make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
-                          out_shardings=(shardings, None), donate_argnums=0)
+        step_fn = jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
         compile_start = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()
         compile_seconds = time.perf_counter() - compile_start
