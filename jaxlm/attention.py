@@ -5,7 +5,9 @@ attends only to keys of its own segment, so packed documents never see each othe
 softmax are computed in float32 whatever the compute dtype.
 
 Implementations (`model.attention`):
-  xla     the reference below, plain jnp; runs everywhere, materializes the [L, S] scores.
+  xla     blockwise attention in plain jnp: skips the blocks above the causal diagonal, keeps
+          no [L, S] probabilities for the backward pass (recomputes them, as flash attention
+          does); runs everywhere, one (row, kv head) at a time on CPU, where that fits in cache.
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused flash attention on
           NVIDIA GPUs, bfloat16 or float16 only.
   splash  Pallas splash attention on TPU (blockwise, causal blocks above the diagonal skipped),
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import sys
 
 import jax
@@ -96,8 +99,9 @@ def attention_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
     return causal_LS[None] & same_BLS
 
 
-def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
-    """Reference attention in plain jnp; XLA fuses it well on CPU and is the ground truth."""
+def reference_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
+    """Attention as the textbook writes it, in plain jnp: the ground truth the kernels are tested
+    against. It materializes the [B, H, L, S] scores and, under autodiff, keeps the probabilities."""
     B, L, H, K = q_BLHK.shape
     G = k_BSGK.shape[2]
     q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K) * jnp.asarray(K**-0.5, q_BLHK.dtype)
@@ -110,6 +114,87 @@ def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
     probs_BGRLS = jax.nn.softmax(scores_BGRLS, axis=-1).astype(v_BSGK.dtype)
     out_BLGRK = jnp.einsum("BGRLS,BSGK->BLGRK", probs_BGRLS, v_BSGK)
     return out_BLGRK.reshape(B, L, H, K)
+
+
+# --- The `xla` implementation: blockwise, in plain jnp. ------------------------------------------
+#
+# Work is split per (batch row, kv head) and into blocks of BLOCK queries. A query block only
+# meets the keys up to its last row, so the blocks above the causal diagonal are never computed
+# (3/8 of the score matmuls at 4 blocks). Each head's forward is under `jax.checkpoint`: the
+# backward pass recomputes it from q, k and v instead of keeping probabilities, so nothing of size
+# [L, S] is kept between the forward and the backward pass (as in flash attention).
+#
+# On CPU the (batch row, kv head) pairs run one after another under `lax.map`, so that one head's
+# blocks, forward and backward, stay in cache: memory bandwidth, not arithmetic, is what limits
+# attention on a CPU (docs/performance.md). Elsewhere they run batched (vmap), which suits a GPU.
+#
+# Local dimension key: N = B * G (batch row, kv head) pairs, Q a block of queries.
+
+BLOCK = 128
+
+
+def _head_attention(q_RLK, k_SK, v_SK, seg_L):
+    """One kv head of one batch row: [R, L, K] from queries [R, L, K], keys/values [S, K]."""
+    R, L, K = q_RLK.shape
+    outs = []
+    for q_lo in range(0, L, BLOCK):
+        q_hi = min(q_lo + BLOCK, L)
+        scores_RQS = jnp.einsum("RQK,SK->RQS", q_RLK[:, q_lo:q_hi], k_SK[:q_hi],
+                                preferred_element_type=jnp.float32) * K**-0.5
+        allowed_QS = jnp.arange(q_lo, q_hi)[:, None] >= jnp.arange(q_hi)[None, :]
+        if seg_L is not None:
+            allowed_QS &= seg_L[q_lo:q_hi, None] == seg_L[None, :q_hi]
+        # Every query sees at least itself (causal diagonal, own segment): no row is all -inf.
+        probs_RQS = jax.nn.softmax(jnp.where(allowed_QS, scores_RQS, -jnp.inf), axis=-1)
+        outs.append(jnp.einsum("RQS,SK->RQK", probs_RQS.astype(v_SK.dtype), v_SK[:q_hi]))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _blockwise_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, per_head):
+    B, L, H, K = q_BLHK.shape
+    G = k_BSGK.shape[2]
+    q_NRLK = q_BLHK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4).reshape(B * G, H // G, L, K)
+    k_NSK = k_BSGK.transpose(0, 2, 1, 3).reshape(B * G, L, K)
+    v_NSK = v_BSGK.transpose(0, 2, 1, 3).reshape(B * G, L, K)
+    arrays = (q_NRLK, k_NSK, v_NSK)
+    if segment_ids_BL is not None:
+        arrays += (jnp.repeat(segment_ids_BL, G, axis=0),)
+    head = jax.checkpoint(lambda q, k, v, seg=None: _head_attention(q, k, v, seg))
+    if per_head:
+        out_NRLK = jax.lax.map(lambda xs: head(*xs), arrays)
+    else:
+        out_NRLK = jax.vmap(head)(*arrays)
+    return out_NRLK.reshape(B, G, H // G, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
+
+
+def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
+    """The `xla` implementation: blockwise attention in plain jnp (see above), run per shard."""
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        # Inside the pipeline's shard_map: batched, and left to XLA to split over the other mesh
+        # axes (jax 0.10 cannot transpose a shard_map nested there around a lax.map).
+        return _blockwise_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, per_head=False)
+    per_head = platform() == "cpu"
+    return _per_shard(functools.partial(_blockwise_one_shard, per_head=per_head),
+                      q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
+
+
+def _per_shard(local_fn, q_BLHK, k_BSGK, v_BSGK, segment_ids_BL):
+    """`local_fn(q, k, v, segment_ids)` run by each device on its batch rows and heads (whole
+    sequences), under `shard_map` over every mesh axis not already manual; plainly without a mesh."""
+    specs = sharding.current_specs((("batch", None, "heads", None), ("batch", None, "kv_heads", None),
+                                    ("batch", None)))
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = set() if specs is None else set(mesh.axis_names) - set(mesh.manual_axes)
+    if not axes:
+        return local_fn(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
+    q_spec, kv_spec, seg_spec = specs
+    if segment_ids_BL is None:
+        return jax.shard_map(lambda q, k, v: local_fn(q, k, v, None),
+                             in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                             axis_names=axes, check_vma=False)(q_BLHK, k_BSGK, v_BSGK)
+    return jax.shard_map(local_fn, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+                         out_specs=q_spec, axis_names=axes,
+                         check_vma=False)(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
 
 
 def dot_product_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None, *, implementation="cudnn"):
@@ -152,24 +237,9 @@ def _splash_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL):
 
 
 def splash_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
-    """Splash attention, each device running the kernel on its batch rows and heads."""
-    specs = sharding.current_specs((("batch", None, "heads", None), ("batch", None, "kv_heads", None),
-                                    ("batch", None)))
-    if specs is None:
-        return _splash_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
-    q_spec, kv_spec, seg_spec = specs
-    # A Mosaic kernel must see every mesh axis as manual (the pipeline's `stage` already is).
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = set(mesh.axis_names) - set(mesh.manual_axes)
-    if not axes:
-        return _splash_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
-    if segment_ids_BL is None:
-        fn = lambda q, k, v: _splash_one_shard(q, k, v, None)  # noqa: E731
-        return jax.shard_map(fn, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                             axis_names=axes, check_vma=False)(q_BLHK, k_BSGK, v_BSGK)
-    return jax.shard_map(_splash_one_shard, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
-                         out_specs=q_spec, axis_names=axes,
-                         check_vma=False)(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
+    """Splash attention, each device running the kernel on its batch rows and heads (a Mosaic
+    kernel must see every mesh axis as manual; the pipeline's `stage` already is)."""
+    return _per_shard(_splash_one_shard, q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
 
 
 def attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None, *, implementation: str = "xla"):
