@@ -161,7 +161,9 @@ def _blockwise_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, per_head):
         arrays += (jnp.repeat(segment_ids_BL, G, axis=0),)
     head = jax.checkpoint(lambda q, k, v, seg=None: _head_attention(q, k, v, seg))
     if per_head:
-        out_NRLK = jax.lax.map(lambda xs: head(*xs), arrays)
+        # batch_size=1 vmaps each step over a batch of one, so that the score matmuls have a
+        # batch dimension and the save_dots remat policy does not keep them.
+        out_NRLK = jax.lax.map(lambda xs: head(*xs), arrays, batch_size=1)
     else:
         out_NRLK = jax.vmap(head)(*arrays)
     return out_NRLK.reshape(B, G, H // G, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)

@@ -92,6 +92,17 @@ def test_xla_kernel_keeps_no_score_matrix_for_the_backward_pass():
     assert max(x.size for x in jax.tree.leaves(backward)) >= 2 * 4 * 256 * 256  # the probabilities
 
 
+@pytest.mark.parametrize("policy", ["save_dots", "save_attn", "full"])
+def test_xla_kernel_keeps_no_scores_under_the_remat_policies(policy):
+    """Under the model's remat policies too (save_dots keeps matmul outputs without a batch
+    dimension: the per-head score matmuls must not be among them)."""
+    q, k, v, seg = qkv(B=2, L=256, H=4, G=2, K=16)
+    fn = jax.checkpoint(lambda q, k, v: attention.xla_attention(q, k, v, seg),
+                        policy=model.remat_policy(policy))
+    _, backward = jax.vjp(fn, q, k, v)
+    assert max(x.size for x in jax.tree.leaves(backward)) <= q.size
+
+
 def test_xla_kernel_in_bfloat16_is_close_to_float32():
     q, k, v, seg = qkv(L=256)
     want = loop_reference(q, k, v, seg)
