@@ -31,7 +31,7 @@ def get_config() -> config_dict.ConfigDict:
     m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
     m.scan_layers = True  # run the stacked layers with lax.scan (fast compile) instead of a Python loop
     m.remat = "none"  # recompute in backward: none | full | save_dots | save_attn (see model.py)
-    m.attention = "xla"  # attention kernel: xla (blockwise jnp, anywhere) | cudnn (NVIDIA GPU, bf16) | splash (TPU) | auto
+    m.attention = "xla"  # xla (blockwise jnp, anywhere) | cudnn (NVIDIA GPU, bf16) | splash (TPU) | auto
 
     c.data = d = config_dict.ConfigDict()
     d.dataset = "stdlib"  # stdlib (embedded corpus) | local (data.files) | a prepared TFDS name, e.g. c4/en
