@@ -165,7 +165,7 @@ def test_every_param_has_logical_names(tiny_cfg):
         state = nnx.state(model.abstract(cfg.model), nnx.Param)
         for path, var in nnx.to_flat_state(state):
             names = var.get_metadata()["out_sharding"]
-            assert len(names) == len(var.value.shape), path
+            assert len(names) == len(var.shape), path
             assert set(names) <= VOCABULARY, (path, names)
             if path[0] == "blocks":
                 assert names[0] == "layers", path
