@@ -190,14 +190,14 @@ def _per_shard(local_fn, q_BLHK, k_BSGK, v_BSGK, segment_ids_BL):
     axes = set() if specs is None else set(mesh.axis_names) - set(mesh.manual_axes)
     if not axes:
         return local_fn(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
-    q_spec, kv_spec, seg_spec = specs
+    args, in_specs = (q_BLHK, k_BSGK, v_BSGK), tuple(specs[:2]) + (specs[1],)
+    fn = local_fn
     if segment_ids_BL is None:
-        return jax.shard_map(lambda q, k, v: local_fn(q, k, v, None),
-                             in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                             axis_names=axes, check_vma=False)(q_BLHK, k_BSGK, v_BSGK)
-    return jax.shard_map(local_fn, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
-                         out_specs=q_spec, axis_names=axes,
-                         check_vma=False)(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
+        fn = lambda q, k, v: local_fn(q, k, v, None)  # noqa: E731
+    else:
+        args, in_specs = args + (segment_ids_BL,), in_specs + (specs[2],)
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=specs[0], axis_names=axes,
+                         check_vma=False)(*args)
 
 
 def dot_product_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None, *, implementation="cudnn"):
