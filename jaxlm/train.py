@@ -279,17 +279,33 @@ class Profile:
 
 
 class _Stop:
-    """SIGTERM sets `requested`; the loop finishes its step, saves and exits."""
+    """SIGTERM (a pre-emption notice) stops the loop at a step where it saves and exits.
+
+    One process: a Python handler sets `requested`; the loop finishes its step, saves and exits.
+    Several processes: the signal may reach only some of them, and all must save the same step.
+    jax's pre-emption service (started by `jax.distributed.initialize`, with its own SIGTERM
+    handler) tells every process of the notice and agrees on the first step all of them can still
+    reach; `check(step)`, called after every step, turns true on that step in every process.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._coordinated = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        self._previous = None
+        if not self._coordinated:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def check(self, step: int) -> bool:
+        if self._coordinated and not self.requested:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(cfg: Config, workdir: str) -> dict:
@@ -384,6 +400,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
                 profile.before(step)
                 state, step_metrics = train_step(state, batch)
                 step += 1
+                stop.check(step)
                 profile.after(step, step_metrics)
                 if pending is not None:
                     finish(*pending)

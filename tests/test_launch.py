@@ -278,7 +278,7 @@ def test_slurm_header():
     directives = [line.split(None, 1)[1] for line in text if line.startswith("#SBATCH")]
     assert all(not line.startswith("#SBATCH") for line in text[first_command:])
     assert {"--nodes=1", "--ntasks-per-node=8", "--gpus-per-task=1", "--exclusive",
-            "--output=runs/slurm-%j.out"} <= set(directives)
+            "--output=runs/slurm-%j.out", "--signal=TERM@120"} <= set(directives)
     assert any(re.fullmatch(r"--time=\d+:\d\d:\d\d", d) for d in directives)
 
 

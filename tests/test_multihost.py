@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -81,6 +83,58 @@ def test_two_processes_train_like_one(tmp_path, flags):
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("jaxlm: error: checkpoint 4") and "another number of processes" in last
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def last_json(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path, flags):
+    """A pre-emption notice that reaches one process only: both save the same step and exit 0."""
+    workdir = str(tmp_path / "run")
+    args = [*flags, f"--workdir={workdir}", "--config.train.steps=3000",
+            "--config.checkpoint.every=1000", "--config.train.eval_every=1000"]
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxlm.cli", "train", *args, f"--coordinator=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}", "--distributed_timeout=60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env(XLA_FLAGS="--xla_force_host_platform_device_count=4")) for i in range(2)]
+    try:
+        metrics_file = os.path.join(workdir, "metrics.jsonl")
+        deadline = time.time() + 240
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if os.path.isfile(metrics_file) and len(open(metrics_file).readlines()) >= 5:
+                procs[1].send_signal(signal.SIGTERM)  # process 0 gets no signal
+                break
+            time.sleep(0.01)
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, stderr) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, stderr
+    results = [last_json(stdout) for stdout, _ in outs]
+    assert all(r["stopped_by_sigterm"] for r in results)
+    stopped = results[0]["step"]
+    assert results[1]["step"] == stopped and 5 <= stopped < 3000
+    manager = checkpoint.Checkpointer(workdir, keep=3, async_save=False)
+    assert manager.latest_step() == stopped
+    manager.close()
+
+    # Both processes resume from that checkpoint.
+    out = subprocess.run(["bash", LAUNCH, "2", "train", *args, f"--config.train.steps={stopped + 2}"],
+                         capture_output=True, text=True, timeout=300,
+                         env=env(JAXLM=JAXLM, LOCAL_DEVICES="4", LOG_DIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr + open(tmp_path / "process_1.log").read()
+    assert f"resumed from step {stopped}" in out.stdout
+    assert last_json(out.stdout)["step"] == stopped + 2
 
 
 def test_missing_peer_fails_in_bounded_time(tmp_path, flags):
