@@ -173,8 +173,7 @@ def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
     """The `xla` implementation: blockwise attention in plain jnp (see above), run per shard."""
     if jax.sharding.get_abstract_mesh().manual_axes:
         # Inside the pipeline's shard_map: batched, and left to XLA to split over the other mesh
-        # axes. A shard_map nested there does not differentiate in jax 0.10: the cotangents it
-        # returns lose their variation over `stage` (tests/test_pipeline.py caught it).
+        # axes (splash, which must run per shard, nests a shard_map there instead).
         return _blockwise_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, per_head=False)
     per_head = platform() == "cpu"
     return _per_shard(functools.partial(_blockwise_one_shard, per_head=per_head),

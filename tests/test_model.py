@@ -217,6 +217,11 @@ def test_cross_entropy_matches_optax_and_masks():
     mask = jnp.array([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], bool)
     np.testing.assert_allclose(train.cross_entropy(logits, targets, mask), ref[mask].mean(),
                                rtol=1e-6)
+    # The gradient too (softmax minus the target's one-hot), masked tokens included.
+    got = jax.grad(train.cross_entropy)(logits, targets, mask)
+    want = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, targets)[mask].mean())(
+        logits)
+    np.testing.assert_allclose(got, want, atol=1e-7)
 
 
 @pytest.mark.parametrize(
