@@ -101,7 +101,7 @@ def run(
             out_bLD = run_layers(in_bLD, layers, positions_MbL[m], seg_bL)
             return jax.lax.ppermute(out_bLD, AXIS, shift), out_bLD
 
-        held_bLD = jax.lax.pcast(jnp.zeros_like(x_MbLD[0]), AXIS, to="varying")
+        held_bLD = jnp.zeros_like(x_MbLD[0])
         _, outs_TbLD = jax.lax.scan(tick, held_bLD, jnp.arange(M + S - 1))
         # The last stage finished microbatch m at tick m + S - 1; give its results to every stage.
         outs_MbLD = jnp.where(stage == S - 1, outs_TbLD[S - 1:], jnp.zeros_like(outs_TbLD[S - 1:]))
