@@ -12,11 +12,11 @@ import jaxlm
 from jaxlm import attention, config, model, pipeline, sharding, train
 
 
-def pipeline_cfg(**model_overrides):
+def pipeline_cfg(seq_len=16, **model_overrides):
     return config.from_dict({
         "model": {"vocab_size": 128, "d_model": 32, "num_layers": 4, "num_heads": 4,
-                  "num_kv_heads": 2, "mlp_dim": 64, "max_seq_len": 16, **model_overrides},
-        "data": {"seq_len": 16},
+                  "num_kv_heads": 2, "mlp_dim": 64, "max_seq_len": seq_len, **model_overrides},
+        "data": {"seq_len": seq_len},
     })
 
 
@@ -136,20 +136,13 @@ def test_pipelined_training_run_logs_bubble_and_restores_on_one_device(tmp_path,
 def test_splash_inside_the_pipeline_equals_the_plain_model():
     """The splash kernel (Pallas interpreter here) runs per shard inside each stage: logits and
     gradients equal the plain model's with the xla kernel."""
-    def cfg_with(**overrides):
-        return config.from_dict({
-            "model": {"vocab_size": 128, "d_model": 32, "num_layers": 2, "num_heads": 4,
-                      "num_kv_heads": 2, "mlp_dim": 64, "max_seq_len": 128, **overrides},
-            "data": {"seq_len": 128},  # the kernel's smallest block
-        })
-
-    plain = cfg_with()
+    plain = pipeline_cfg(seq_len=128, num_layers=2)  # 128: the kernel's smallest block
     params = nnx.to_pure_dict(nnx.split(model.init(plain.model, seed=3), nnx.Param)[1])
     batch = packed_batch(B=8, L=128)
     ref_logits, ref_grads, _ = logits_and_grads(plain, params, batch)
     with attention.interpret_kernels():
-        logits, grads, hlo = logits_and_grads(cfg_with(attention="splash"), params, batch,
-                                              (1, 2, 2, 2), microbatches=2)
+        splash = pipeline_cfg(seq_len=128, num_layers=2, attention="splash")
+        logits, grads, hlo = logits_and_grads(splash, params, batch, (1, 2, 2, 2), microbatches=2)
     np.testing.assert_allclose(logits, ref_logits, atol=2e-5, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=5e-6, rtol=1e-4)
