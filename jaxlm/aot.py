@@ -175,6 +175,104 @@ def check(cfg: Config, devices, memory_bytes: float, headroom: float = DEFAULT_H
     }
 
 
+def generation_mesh(cfg: Config, devices):
+    """The config's mesh over `devices` without pipeline stages (their devices go to data), as
+    `jaxlm.load(..., mesh="config")` builds it."""
+    sizes = {a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor")}
+    if -1 not in sizes.values():
+        sizes["data"] = -1
+    return sharding.make_mesh(cfg.replace(mesh={**sizes, "stage": 1}).mesh, devices)
+
+
+def check_generate(cfg: Config, devices, memory_bytes: float, headroom: float, target: str,
+                   batch: int, seq_len: int, new_tokens: int, kind: str = "none") -> dict:
+    """Compile generation's prefill (a `seq_len - new_tokens` prompt into a cache of
+    `seq_len - new_tokens + bucket(new_tokens)` slots) and decode loop for `batch` rows, with
+    float or int8 weights, and compare the larger per-device total with `memory_bytes`."""
+    from flax import nnx
+
+    from jaxlm import generate, quantize
+
+    prompt_len = seq_len - new_tokens
+    if prompt_len < 1:
+        raise ConfigError(f"--seq_len ({seq_len}) must exceed --new_tokens ({new_tokens})")
+    mesh = generation_mesh(cfg, devices)
+    rules = sharding.DEFAULT_RULES
+    sharding.check_divisible(mesh, cfg.model, rules)
+    if batch % sharding.batch_shards(mesh, rules):
+        raise ConfigError(f"--batch ({batch}) must be divisible by mesh.data x mesh.fsdp "
+                          f"({sharding.batch_shards(mesh, rules)})")
+    graphdef, state = nnx.split(model.abstract(cfg.model), nnx.Param)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    params = nnx.to_pure_dict(state)
+    if kind == "int8":
+        params = jax.eval_shape(lambda p: quantize.quantize_params(p, cfg.model.tie_embeddings), params)
+    shardings = generate.param_shardings(params, specs, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                          shardings)
+    buffer = generate.bucket(new_tokens)
+    row = sharding.named_sharding(mesh, ("batch",), rules)
+    rows = sharding.named_sharding(mesh, ("batch", None), rules)
+    args = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rows if a.ndim == 2 else row)
+                 for a in generate.abstract_inputs(batch, prompt_len, cfg.model.vocab_size))
+    s = jax.eval_shape(lambda: generate.settings(new_tokens))
+    seed = jax.ShapeDtypeStruct((), jnp.uint32)
+    begin = time.perf_counter()
+    with jax.set_mesh(mesh), sharding.logical_rules(rules):
+        prefill = jax.jit(generate.make_prefill(cfg.model, graphdef, buffer))
+        compiled_prefill = prefill.lower(params, None, *args, seed, s).compile()
+        decode_state = jax.eval_shape(prefill, params, None, *args, seed, s)
+        decode = jax.jit(generate.make_decode(graphdef), donate_argnums=(2,))
+        compiled_decode = decode.lower(params, None, decode_state, jnp.int32(0), s).compile()
+    seconds = time.perf_counter() - begin
+    totals = {}
+    for name, compiled in (("prefill", compiled_prefill), ("decode", compiled_decode)):
+        stats = compiled.memory_analysis()
+        totals[name] = {
+            "arguments": stats.argument_size_in_bytes,
+            "outputs": stats.output_size_in_bytes - stats.alias_size_in_bytes,
+            "temporaries": stats.temp_size_in_bytes,
+            "code": stats.generated_code_size_in_bytes,
+        }
+        totals[name]["total"] = sum(totals[name].values())
+    worst = max(totals, key=lambda k: totals[k]["total"])
+    total = totals[worst]["total"]
+    usable = (1.0 - headroom) * memory_bytes
+    n = len(devices)
+    cache_bytes = (2 * cfg.model.num_layers * batch * (prompt_len + buffer) * cfg.model.num_kv_heads
+                   * model.head_dim(cfg.model) * jnp.dtype(cfg.model.dtype).itemsize)
+    return {
+        "mode": "generate", "target": target, "num_devices": n,
+        "mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names},
+        "num_params": model.num_params(cfg.model), "quantize": kind,
+        "param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype,
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "cache_slots": prompt_len + buffer,
+        "weight_bytes": quantize.num_bytes(params), "kv_cache_bytes": cache_bytes,
+        "bytes_per_device": totals[worst], "peak_program": worst, "programs": totals,
+        "gib_per_device": round(total / GIB, 2),
+        "device_memory_bytes": int(memory_bytes), "usable_bytes": int(usable),
+        "headroom": headroom, "fits": total <= usable, "compile_seconds": round(seconds, 2),
+    }
+
+
+def describe_generate(report: dict) -> str:
+    gib = lambda n: f"{n / GIB:8.2f} GiB"  # noqa: E731
+    mesh = " x ".join(f"{a}{n}" for a, n in report["mesh"].items() if n > 1) or "one device"
+    lines = [f"target      {report['target']}  mesh {mesh}",
+             f"weights     {gib(report['weight_bytes'])}   in all ({report['quantize']}, "
+             f"params {report['param_dtype']})",
+             f"KV cache    {gib(report['kv_cache_bytes'])}   in all ({report['batch']} rows x "
+             f"{report['cache_slots']} slots, {report['dtype']})"]
+    for name, b in report["programs"].items():
+        lines.append(f"{name:11s} {gib(b['total'])}   per device (arguments {b['arguments'] / GIB:.2f}, "
+                     f"outputs {b['outputs'] / GIB:.2f}, temporaries {b['temporaries'] / GIB:.2f})")
+    lines.append(f"peak        {gib(report['bytes_per_device']['total'])}   of "
+                 f"{report['usable_bytes'] / GIB:.2f} GiB usable: "
+                 f"{'fits' if report['fits'] else 'DOES NOT FIT'}   compile {report['compile_seconds']} s")
+    return "\n".join(lines)
+
+
 def suggestions(cfg: Config, mesh: dict) -> list[str]:
     """Knobs that lower per-device memory, most effective first, given what cfg already does and
     the resolved `mesh` sizes."""

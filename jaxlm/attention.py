@@ -102,15 +102,22 @@ def attention_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
 def reference_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
     """Attention as the textbook writes it, in plain jnp: the ground truth the kernels are tested
     against. It materializes the [B, H, L, S] scores and, under autodiff, keeps the probabilities."""
+    return masked_attention(q_BLHK, k_BSGK, v_BSGK, attention_mask(segment_ids_BL, q_BLHK.shape[1]))
+
+
+def masked_attention(q_BLHK, k_BSGK, v_BSGK, allowed_BLS):
+    """Attention of queries [B, L] over keys [B, S] where `allowed_BLS` (or [1, L, S]) is true.
+
+    The decode step uses it over the KV cache (L = 1, S the cache length): there the scores are
+    one row per head, so materializing them costs nothing. Every query must be allowed at least
+    one key (no row of -inf)."""
     B, L, H, K = q_BLHK.shape
     G = k_BSGK.shape[2]
     q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K) * jnp.asarray(K**-0.5, q_BLHK.dtype)
     scores_BGRLS = jnp.einsum(
         "BLGRK,BSGK->BGRLS", q_BLGRK, k_BSGK, preferred_element_type=jnp.float32
     )
-    mask_BLS = attention_mask(segment_ids_BL, L)
-    scores_BGRLS = jnp.where(mask_BLS[:, None, None], scores_BGRLS, -jnp.inf)
-    # Every query sees at least itself (causal diagonal, own segment), so no row is all -inf.
+    scores_BGRLS = jnp.where(allowed_BLS[:, None, None], scores_BGRLS, -jnp.inf)
     probs_BGRLS = jax.nn.softmax(scores_BGRLS, axis=-1).astype(v_BSGK.dtype)
     out_BLGRK = jnp.einsum("BGRLS,BSGK->BLGRK", probs_BGRLS, v_BSGK)
     return out_BLGRK.reshape(B, L, H, K)

@@ -17,7 +17,8 @@ from jaxlm import config as config_lib
 COMMANDS = {
     "train": "train a config in --workdir, resuming from its latest checkpoint",
     "eval": "validation loss and perplexity of a workdir's checkpoint (--step, default latest)",
-    "bench": "time the jitted train step on synthetic tokens: tokens/s, TFLOP/s, MFU",
+    "generate": "generate text from a workdir (--workdir) or a HF Llama directory (--model)",
+    "bench": "time the train step (tokens/s, MFU) or, --mode=generate, prefill and decode tokens/s",
     "aot": "compile the train step for --devices=N or a TPU --topology: bytes per device, fits",
     "plot": "write a PNG of loss and learning rate against step from a workdir's metrics",
     "params": "parameter count of a config, from abstract shapes (nothing allocated)",
@@ -114,20 +115,125 @@ def _eval(argv: list[str]) -> dict:
     def define(fv):
         _workdir_flag(fv)
         flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+        _quantize_flag(fv)
 
     _, fv = _flags(argv, config=False, define=define)
     workdir = _existing_workdir(fv)
     from jaxlm import api
 
-    return api.evaluate_workdir(workdir, fv.step)
+    return api.evaluate_workdir(workdir, fv.step, _quantize(fv))
+
+
+def _quantize_flag(fv):
+    flags.DEFINE_string("quantize", "none", "weights: none (as stored) or int8 (weight-only, "
+                        "per-channel)", flag_values=fv)
+
+
+def _quantize(fv) -> str:
+    from jaxlm import quantize
+
+    try:
+        return quantize.check_kind(fv.quantize)
+    except quantize.QuantizeError as e:
+        raise UsageError(f"--quantize: {e}") from None
+
+
+def _generate(argv: list[str]) -> dict:
+    def define(fv):
+        _workdir_flag(fv)
+        flags.DEFINE_string("model", None, "a HF Llama directory (instead of --workdir)", flag_values=fv)
+        flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default: the latest)",
+                             flag_values=fv)
+        flags.DEFINE_string("prompt", None, "one prompt; its text streams as it is generated",
+                            flag_values=fv)
+        flags.DEFINE_string("prompts", None, "a JSONL file of {\"prompt\": ...} lines, generated "
+                            "as one batch", flag_values=fv)
+        flags.DEFINE_integer("max_new_tokens", 128, "new tokens per prompt, at most", flag_values=fv)
+        flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=fv)
+        flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens; 0 = off", flag_values=fv)
+        flags.DEFINE_float("top_p", 1.0, "keep the most likely tokens up to this probability",
+                           flag_values=fv)
+        flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
+        flags.DEFINE_multi_string("stop", [], "stop at this string (repeatable)", flag_values=fv)
+        flags.DEFINE_enum("mesh", "one", ["one", "config"], "one device, or the config's mesh over "
+                          "all devices (pipeline stages folded into data)", flag_values=fv)
+        _quantize_flag(fv)
+
+    _, fv = _flags(argv, config=False, define=define)
+    if (fv.workdir is None) == (fv.model is None):
+        raise UsageError("give exactly one of --workdir=DIR (a jaxlm run) or --model=HF_DIR")
+    if (fv.prompt is None) == (fv.prompts is None):
+        raise UsageError("give exactly one of --prompt=TEXT or --prompts=FILE.jsonl")
+    prompts = [fv.prompt] if fv.prompt is not None else _read_prompts(fv.prompts)
+    kind = _quantize(fv)
+    import jaxlm
+
+    path = _existing_workdir(fv) if fv.workdir else fv.model
+    lm = jaxlm.load(path, step=fv.step if fv.workdir else None, quantize=kind,
+                    mesh=None if fv.mesh == "one" else "config")
+    stream = None
+    if fv.prompt is not None and lm.tokenizer is not None:
+        print(fv.prompt, end="", flush=True)
+        stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
+    out = lm.generate(prompts, max_new_tokens=fv.max_new_tokens, temperature=fv.temperature,
+                      top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed, stop=fv.stop or None,
+                      stream=stream)
+    if stream is not None:
+        print(flush=True)
+    stats = out.stats
+    return {
+        "outputs": [{"prompt": p, "text": out.texts[i] if out.texts else None, "ids": out.ids[i],
+                     "finish_reason": out.finish_reasons[i]} for i, p in enumerate(prompts)],
+        "prefill_tokens_per_sec": round(stats["prefill_tokens_per_sec"], 1),
+        "decode_tokens_per_sec": round(stats["decode_tokens_per_sec"], 1),
+        "quantize": kind,
+    }
+
+
+def _read_prompts(path: str) -> list:
+    import os
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--prompts file '{path}' not found")
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UsageError(f"{path}:{n}: expected a JSON object with a \"prompt\" field") from None
+            if not (isinstance(prompt, str) or (isinstance(prompt, list)
+                                                and all(isinstance(t, int) for t in prompt))):
+                raise UsageError(f"{path}:{n}: \"prompt\" must be a string or a list of token ids")
+            prompts.append(prompt)
+    if not prompts:
+        raise UsageError(f"--prompts file '{path}' has no prompts")
+    return prompts
 
 
 def _bench(argv: list[str]) -> dict:
     def define(fv):
-        flags.DEFINE_integer("steps", 10, "timed steps", flag_values=fv, lower_bound=1)
-        flags.DEFINE_integer("warmup", 2, "untimed steps after compiling", flag_values=fv, lower_bound=0)
+        flags.DEFINE_enum("mode", "train", ["train", "generate"], "what to time", flag_values=fv)
+        flags.DEFINE_integer("steps", 10, "train: timed steps", flag_values=fv, lower_bound=1)
+        flags.DEFINE_integer("warmup", 2, "train: untimed steps after compiling", flag_values=fv,
+                             lower_bound=0)
+        flags.DEFINE_integer("batch", 1, "generate: prompts per batch", flag_values=fv, lower_bound=1)
+        flags.DEFINE_integer("prompt_len", 128, "generate: tokens per prompt", flag_values=fv,
+                             lower_bound=1)
+        flags.DEFINE_integer("new_tokens", 128, "generate: tokens generated per prompt",
+                             flag_values=fv, lower_bound=1)
+        flags.DEFINE_integer("repeats", 3, "generate: timed runs (medians reported)",
+                             flag_values=fv, lower_bound=1)
+        _quantize_flag(fv)
 
     cfg, fv = _flags(argv, config=True, define=define)
+    if fv.mode == "generate":
+        from jaxlm import api
+
+        return api.bench_generate(cfg, fv.batch, fv.prompt_len, fv.new_tokens, _quantize(fv),
+                                  fv.repeats)
     from jaxlm import train
 
     return train.bench(cfg, fv.steps, fv.warmup)
@@ -145,6 +251,13 @@ def _aot(argv: list[str]) -> dict:
                            flag_values=fv)
         flags.DEFINE_float("headroom", 0.1, "share of device memory kept free for the runtime",
                            flag_values=fv, lower_bound=0.0, upper_bound=0.9)
+        flags.DEFINE_enum("mode", "train", ["train", "generate"], "compile the train step, or "
+                          "generation (params + KV cache, prefill and decode)", flag_values=fv)
+        flags.DEFINE_integer("batch", 8, "generate: rows", flag_values=fv, lower_bound=1)
+        flags.DEFINE_integer("seq_len", None, "generate: prompt + new tokens (default: "
+                             "data.seq_len)", flag_values=fv, lower_bound=2)
+        flags.DEFINE_integer("new_tokens", 128, "generate: new tokens", flag_values=fv, lower_bound=1)
+        _quantize_flag(fv)
 
     cfg, fv = _flags(argv, config=True, define=define)
     if (fv.devices is None) == (fv.topology is None):
@@ -175,6 +288,17 @@ def _aot(argv: list[str]) -> dict:
         name, memory = aot.memory_arg(fv.device, fv.memory_gib, devices)
     except aot.AotError as e:
         raise UsageError(str(e)) from None
+    if fv.mode == "generate":
+        report = aot.check_generate(cfg, devices, memory, fv.headroom, f"{target} as {name}",
+                                    fv.batch, fv.seq_len or cfg.data.seq_len, fv.new_tokens,
+                                    _quantize(fv))
+        print(aot.describe_generate(report), flush=True)
+        if not report["fits"]:
+            raise DoesNotFit(f"does not fit: {report['gib_per_device']} GiB per device, "
+                             f"{report['usable_bytes'] / 2**30:.2f} GiB usable; try int8 weights "
+                             "(--quantize=int8), fewer rows (--batch), a shorter --seq_len or more "
+                             "devices (mesh.fsdp / mesh.tensor)", report)
+        return report
     report = aot.check(cfg, devices, memory, fv.headroom, f"{target} as {name}")
     print(aot.describe(report), flush=True)
     if not report["fits"]:
@@ -233,6 +357,7 @@ def _tokenizer_train(argv: list[str]) -> dict:
 HANDLERS = {
     "train": _train,
     "eval": _eval,
+    "generate": _generate,
     "bench": _bench,
     "aot": _aot,
     "plot": _plot,
@@ -254,14 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     if command in COMMANDS and any(a in ("-h", "--help", "--helpfull") for a in rest[1:]):
         print(f"jaxlm {command}: {COMMANDS[command]}\n\n{USAGE}", end="")
         return 0
-    from jaxlm import convert, datasets, tokenizer, train
+    from jaxlm import convert, datasets, generate, tokenizer, train
 
     try:
         if command not in HANDLERS:
             raise UsageError(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")
         result = HANDLERS[command](rest)
     except (config_lib.ConfigError, UsageError, datasets.DataError, tokenizer.TokenizerError,
-            convert.ConversionError, FileNotFoundError) as e:
+            convert.ConversionError, generate.GenerateError, FileNotFoundError) as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 2
     except train.TrainingError as e:

@@ -14,10 +14,16 @@ statistics, RoPE angles, attention scores and softmax, and the logits are float3
 The blocks are always stored stacked, with a leading `layers` axis, whether they run under
 `lax.scan` (`scan_layers=True`: one compiled body, fast compile) or an unrolled Python loop.
 One parameter layout for both keeps checkpoints and HF conversion independent of that choice.
+
+Decoding uses the same code: a `KVCache` (keys and values stacked along `layers` like the params)
+is passed through the same layer loop, and each attention writes its new keys and values into it.
+A matmul weight may hold a `quantize.QArray` (int8 + scales) instead of a float array; `_matmul`
+dequantizes it inside the jitted program (jaxlm/quantize.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -26,11 +32,40 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm import attention as attention_lib
-from jaxlm import pipeline
+from jaxlm import pipeline, quantize
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
 
 ACTIVATION = ("batch", "length", "embed")
+# Logical names of the KV cache's k and v arrays [N, B, T, G, K] (T: cache length, in slots).
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for a batch of left-padded rows, in T slots per row.
+
+    Slots are filled left to right, the same slot for every row at once (rows are left-padded, so
+    their last prompt tokens line up): `index` slots are written. Row b's real tokens start at slot
+    `start_B[b]` (its left pads come before and are never attended). The whole cache goes through
+    the layer loop; layer i writes its new keys and values into row i of k and v in place
+    (a dynamic-update-slice of a loop-carried buffer) and reads its own row back. `fresh`
+    (static) marks the prefill call: the cache is empty and the whole prompt is written at slot
+    0, so attention runs the configured kernel over the prompt itself rather than over the cache.
+    """
+
+    k_NBTGK: jax.Array
+    v_NBTGK: jax.Array
+    index: jax.Array  # int32 scalar
+    start_B: jax.Array  # int32 [B]
+    fresh: bool = dataclasses.field(default=False, metadata={"static": True})
+
+    @staticmethod
+    def empty(cfg: ModelConfig, batch: int, length: int, start_B) -> KVCache:
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, head_dim(cfg))
+        k, v = (constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_AXES) for _ in "kv")
+        return KVCache(k, v, jnp.zeros((), jnp.int32), start_B, fresh=True)
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -74,6 +109,11 @@ def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
     return out_BLHK.astype(x_BLHK.dtype)
 
 
+def _matmul(spec: str, x, weight: nnx.Param, dtype, **kwargs):
+    """`jnp.einsum(spec, x, weight)` in `dtype`, for a float or an int8-quantized weight."""
+    return quantize.einsum(spec, x, weight.get_value(), dtype, **kwargs)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, H, G, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
@@ -86,20 +126,39 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.implementation = cfg.attention
 
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache: KVCache | None = None,
+                 layer=0):
+        """(output, cache): with a `cache`, the new keys and values are written into its row
+        `layer` at slot `cache.index` and the updated cache is returned; without one, None."""
         dt = self.dtype
-        q_BLHK = jnp.einsum("BLD,HKD->BLHK", x_BLD, self.w_q_HKD[...].astype(dt))
-        k_BLGK = jnp.einsum("BLD,GKD->BLGK", x_BLD, self.w_k_GKD[...].astype(dt))
-        v_BLGK = jnp.einsum("BLD,GKD->BLGK", x_BLD, self.w_v_GKD[...].astype(dt))
+        q_BLHK = _matmul("BLD,HKD->BLHK", x_BLD, self.w_q_HKD, dt)
+        k_BLGK = _matmul("BLD,GKD->BLGK", x_BLD, self.w_k_GKD, dt)
+        v_BLGK = _matmul("BLD,GKD->BLGK", x_BLD, self.w_v_GKD, dt)
         # Names let the save_attn remat policy keep exactly these tensors.
         q_BLHK = checkpoint_name(rope(q_BLHK, positions_BL, self.rope_theta), "query")
         k_BLGK = checkpoint_name(rope(k_BLGK, positions_BL, self.rope_theta), "key")
         v_BLGK = checkpoint_name(v_BLGK, "value")
-        out_BLHK = attention_lib.attention(
-            q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, implementation=self.implementation
-        )
+        if cache is None or cache.fresh:
+            # Training, scoring and prefill: the kernel over the tokens given (a prefill writes
+            # the whole prompt into an empty cache, so nothing else is there to attend to).
+            out_BLHK = attention_lib.attention(
+                q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, implementation=self.implementation
+            )
+        if cache is not None:
+            at = (layer, 0, cache.index, 0, 0)
+            k_NBTGK = jax.lax.dynamic_update_slice(cache.k_NBTGK, k_BLGK.astype(dt)[None], at)
+            v_NBTGK = jax.lax.dynamic_update_slice(cache.v_NBTGK, v_BLGK.astype(dt)[None], at)
+            cache = dataclasses.replace(cache, k_NBTGK=k_NBTGK, v_NBTGK=v_NBTGK)
+            if not cache.fresh:
+                # Decode: query l sits in slot index + l and sees the row's real slots up to it.
+                k_BTGK, v_BTGK = k_NBTGK[layer], v_NBTGK[layer]
+                L, T = q_BLHK.shape[1], k_BTGK.shape[1]
+                slot_T = jnp.arange(T)
+                allowed_BLS = ((slot_T[None, None, :] >= cache.start_B[:, None, None])
+                               & (slot_T[None, None, :] <= cache.index + jnp.arange(L)[None, :, None]))
+                out_BLHK = attention_lib.masked_attention(q_BLHK, k_BTGK, v_BTGK, allowed_BLS)
         out_BLHK = checkpoint_name(out_BLHK, "attn_out")
-        return jnp.einsum("BLHK,DHK->BLD", out_BLHK, self.w_o_DHK[...].astype(dt))
+        return _matmul("BLHK,DHK->BLD", out_BLHK, self.w_o_DHK, dt), cache
 
 
 class MLP(nnx.Module):
@@ -115,11 +174,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BLD):
         dt = self.dtype
-        gate_BLF = jnp.einsum("BLD,FD->BLF", x_BLD, self.w_gate_FD[...].astype(dt))
-        up_BLF = jnp.einsum("BLD,FD->BLF", x_BLD, self.w_up_FD[...].astype(dt))
+        gate_BLF = _matmul("BLD,FD->BLF", x_BLD, self.w_gate_FD, dt)
+        up_BLF = _matmul("BLD,FD->BLF", x_BLD, self.w_up_FD, dt)
         # Not "length": under sequence parallelism the MLP sees whole sequences, split on mlp.
         hidden_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", None, "mlp"))
-        return jnp.einsum("BLF,DF->BLD", hidden_BLF, self.w_down_DF[...].astype(dt))
+        return _matmul("BLF,DF->BLD", hidden_BLF, self.w_down_DF, dt)
 
 
 class Block(nnx.Module):
@@ -131,11 +190,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL):
-        h_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
-        h_BLD = constrain(h_BLD, ACTIVATION)
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache: KVCache | None = None,
+                 layer=0):
+        attn_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL, cache,
+                                    layer)
+        h_BLD = constrain(x_BLD + attn_BLD, ACTIVATION)
         out_BLD = h_BLD + self.mlp(self.mlp_norm(h_BLD))
-        return constrain(out_BLD, ACTIVATION)
+        return constrain(out_BLD, ACTIVATION), cache
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -187,57 +248,109 @@ class Decoder(nnx.Module):
             # CPU for the output layer; docs/performance.md).
             self.w_out_VD = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, cfg)
 
-    def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+    def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, *,
+                 cache: KVCache | None = None, last_only: bool = False, layers=None):
         """Logits for `tokens_BL`. Packed rows pass `segment_ids_BL` (attention stays within a
-        segment) and `positions_BL` (RoPE positions restarting at 0 in each segment)."""
-        return self.from_embeddings(self.embed(tokens_BL), segment_ids_BL, positions_BL)
+        segment) and `positions_BL` (RoPE positions restarting at 0 in each segment).
+
+        With `cache`, returns (logits, cache) with the tokens' keys and values written at
+        `cache.index` (jaxlm/generate.py). `last_only` computes the logits of the last position
+        only ([B, 1, V]): a prefill needs no more, and [B, L, V] would be the largest buffer.
+        `layers`, a list of one State per layer (`unstack_layers`), runs the blocks from those
+        instead of the stacked params, unrolled (see `unstack_layers` for why)."""
+        x_BLD, cache = self._hidden(self.embed(tokens_BL), segment_ids_BL, positions_BL, cache,
+                                    layers)
+        if last_only:
+            x_BLD = x_BLD[:, -1:]
+        logits_BLV = self.project(x_BLD)
+        return logits_BLV if cache is None else (logits_BLV, cache)
 
     def embed(self, tokens_BL):
-        x_BLD = jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        table = self.embed_VD.get_value()
+        if isinstance(table, quantize.QArray):  # a tied table quantized as the output layer
+            x_BLD = quantize.take_rows(table, tokens_BL, jnp.dtype(self.cfg.dtype))
+        else:
+            x_BLD = jnp.take(table, tokens_BL, axis=0).astype(jnp.dtype(self.cfg.dtype))
         return constrain(x_BLD, ACTIVATION)
 
     def from_embeddings(self, x_BLD, segment_ids_BL=None, positions_BL=None):
         """Everything after the embedding lookup: blocks, final norm, output projection."""
-        cfg = self.cfg
-        dt = jnp.dtype(cfg.dtype)
+        return self.project(self._hidden(x_BLD, segment_ids_BL, positions_BL, None)[0])
+
+    def _hidden(self, x_BLD, segment_ids_BL, positions_BL, cache, layers=None):
+        """(final-normed hidden states, cache): the blocks and the final norm."""
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
-        x_BLD = self._run_blocks(x_BLD, positions_BL, segment_ids_BL)
-        x_BLD = self.final_norm(x_BLD)
-        # Logits come out of the matmul in float32 (accumulated there), whatever the compute dtype.
-        w_out_VD = self.embed_VD if cfg.tie_embeddings else self.w_out_VD
-        logits_BLV = jnp.einsum(
-            "BLD,VD->BLV", x_BLD, w_out_VD[...].astype(dt), preferred_element_type=jnp.float32
-        )
+        x_BLD, cache = self._run_blocks(x_BLD, positions_BL, segment_ids_BL, cache, layers)
+        return self.final_norm(x_BLD), cache
+
+    def project(self, x_BLD):
+        """The output projection. Logits come out of the matmul in float32 (accumulated there),
+        whatever the compute dtype."""
+        w_out_VD = self.embed_VD if self.cfg.tie_embeddings else self.w_out_VD
+        logits_BLV = _matmul("BLD,VD->BLV", x_BLD, w_out_VD, jnp.dtype(self.cfg.dtype),
+                             preferred_element_type=jnp.float32)
         return constrain(logits_BLV, ("batch", None, "vocab"))
 
-    def _run_blocks(self, x_BLD, positions_BL, segment_ids_BL):
+    def _run_blocks(self, x_BLD, positions_BL, segment_ids_BL, cache, layers=None):
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.blocks)
 
-        def body(x_BLD, layer, positions_BL, segment_ids_BL):
+        def body(x_BLD, layer, i, positions_BL, segment_ids_BL, kv=None):
+            """Block i, with the whole cache's (k, v) when decoding. Returns (x, (k, v) or None)."""
             block = nnx.merge(graphdef, layer)
-            return block(x_BLD, positions_BL, segment_ids_BL), None
+            layer_cache = None if kv is None else dataclasses.replace(cache, k_NBTGK=kv[0],
+                                                                      v_NBTGK=kv[1])
+            x_BLD, layer_cache = block(x_BLD, positions_BL, segment_ids_BL, layer_cache, i)
+            return x_BLD, None if kv is None else (layer_cache.k_NBTGK, layer_cache.v_NBTGK)
 
-        if cfg.remat != "none":
+        if cfg.remat != "none" and cache is None:
             # prevent_cse only matters outside scan; inside it would block useful optimizations.
             body = jax.checkpoint(
                 body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers
             )
 
-        def run_layers(x_BLD, layers, positions_BL, segment_ids_BL):
-            """Every layer of `layers` (stacked on axis 0) in order: scanned or unrolled."""
-            if cfg.scan_layers:
-                step = lambda x, layer: body(x, layer, positions_BL, segment_ids_BL)  # noqa: E731
-                return jax.lax.scan(step, x_BLD, layers)[0]
-            for i in range(jax.tree.leaves(layers)[0].shape[0]):
-                layer = jax.tree.map(lambda a, i=i: a[i], layers)
-                x_BLD, _ = body(x_BLD, layer, positions_BL, segment_ids_BL)
-            return x_BLD
+        def run_layers(x_BLD, layers, positions_BL, segment_ids_BL, kv=None):
+            """Every layer of `layers` (stacked on axis 0, or a list) in order, scanned or
+            unrolled, carrying the cache's (k, v) when given. Returns (x, (k, v) or None)."""
+            if cfg.scan_layers and not isinstance(layers, list):
+                def step(carry, xs):
+                    return body(carry[0], *xs, positions_BL, segment_ids_BL, carry[1]), None
+
+                n = jax.tree.leaves(layers)[0].shape[0]
+                return jax.lax.scan(step, (x_BLD, kv), (layers, jnp.arange(n)))[0]
+            n = len(layers) if isinstance(layers, list) else jax.tree.leaves(layers)[0].shape[0]
+            for i in range(n):
+                layer = layers[i] if isinstance(layers, list) else jax.tree.map(
+                    lambda a, i=i: a[i], layers)
+                x_BLD, kv = body(x_BLD, layer, i, positions_BL, segment_ids_BL, kv)
+            return x_BLD, kv
 
         if pipeline.num_stages() > 1:
-            return pipeline.run(run_layers, x_BLD, stacked, positions_BL, segment_ids_BL)
-        return run_layers(x_BLD, stacked, positions_BL, segment_ids_BL)
+            if cache is not None:
+                raise ValueError("decoding with a KV cache runs without pipeline stages")
+            return pipeline.run(lambda *a: run_layers(*a)[0], x_BLD, stacked, positions_BL,
+                                segment_ids_BL), None
+        layers = stacked if layers is None else layers
+        if cache is None:
+            return run_layers(x_BLD, layers, positions_BL, segment_ids_BL)[0], None
+        x_BLD, (k_NBTGK, v_NBTGK) = run_layers(x_BLD, layers, positions_BL, segment_ids_BL,
+                                               (cache.k_NBTGK, cache.v_NBTGK))
+        k_NBTGK, v_NBTGK = constrain(k_NBTGK, CACHE_AXES), constrain(v_NBTGK, CACHE_AXES)
+        return x_BLD, KVCache(k_NBTGK, v_NBTGK, cache.index + x_BLD.shape[1], cache.start_B)
+
+
+def unstack_layers(params):
+    """The blocks' parameters as one State per layer (copies), for `Decoder(..., layers=...)`.
+
+    Only decoding on CPU uses this. There a decode step is bound by reading the weights once,
+    and XLA:CPU copies every slice of a stacked weight (scanned or unrolled) before a matmul
+    reads it, which tripled the bytes moved per token (docs/performance.md). Separate buffers
+    per layer are read in place; the price is a second copy of the block weights in host memory.
+    Accelerators keep the stacked layout (their compilers read the slice in place)."""
+    blocks = params["blocks"]
+    n = jax.tree.leaves(blocks)[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n)]
 
 
 def init(cfg: ModelConfig, seed: int = 0) -> Decoder:

@@ -42,12 +42,37 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"cannot read tokenizer model '{path}': {e}") from None
         self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()  # -1 when it has none
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.sp.encode(text), dtype=np.int32)
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def piece_texts(self) -> list[str | None]:
+        """The text of every piece ("▁" as a space); None for control, unknown and byte pieces."""
+        if not hasattr(self, "_piece_texts"):
+            sp = self.sp
+            self._piece_texts = [
+                None if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)
+                else sp.id_to_piece(i).replace("\u2581", " ") for i in range(self.vocab_size)]
+        return self._piece_texts
+
+    def heal(self, ids: list[int]) -> tuple[list[int], list[int] | None]:
+        """Token healing for a prompt that ends inside a longer piece (e.g. "def " ends with a
+        lone space, which training text almost never has: there the space is part of " name").
+        Returns the prompt without its last piece and the pieces the first new token may be
+        (those whose text starts with the removed one's), or the prompt unchanged and None when
+        no longer piece extends the last one."""
+        texts = self.piece_texts()
+        last = texts[ids[-1]] if ids and len(ids) > 1 else None
+        if not last:
+            return ids, None
+        allowed = [i for i, t in enumerate(texts) if t is not None and t.startswith(last)]
+        if len(allowed) < 2:
+            return ids, None
+        return ids[:-1], allowed
 
 
 def _sentences(texts: Iterable[str], budget: int) -> Iterator[str]:
