@@ -289,7 +289,7 @@ class Generator:
             while True:
                 until = max_new_tokens if chunk is None else int(state.step) + chunk
                 state = decode(params, layers, state, jnp.int32(until), s)
-                step, done = int(state.step), np.asarray(state.done_B)
+                step, done = int(state.step), np.array(state.done_B)
                 if on_step is not None:
                     on_step(np.asarray(state.tokens_BM)[0, :step].tolist())
                 if stop_check is not None:
