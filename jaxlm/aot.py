@@ -175,15 +175,6 @@ def check(cfg: Config, devices, memory_bytes: float, headroom: float = DEFAULT_H
     }
 
 
-def generation_mesh(cfg: Config, devices):
-    """The config's mesh over `devices` without pipeline stages (their devices go to data), as
-    `jaxlm.load(..., mesh="config")` builds it."""
-    sizes = {a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor")}
-    if -1 not in sizes.values():
-        sizes["data"] = -1
-    return sharding.make_mesh(cfg.replace(mesh={**sizes, "stage": 1}).mesh, devices)
-
-
 def check_generate(cfg: Config, devices, memory_bytes: float, headroom: float, target: str,
                    batch: int, seq_len: int, new_tokens: int, kind: str = "none") -> dict:
     """Compile generation's prefill (a `seq_len - new_tokens` prompt into a cache of
@@ -196,7 +187,8 @@ def check_generate(cfg: Config, devices, memory_bytes: float, headroom: float, t
     prompt_len = seq_len - new_tokens
     if prompt_len < 1:
         raise ConfigError(f"--seq_len ({seq_len}) must exceed --new_tokens ({new_tokens})")
-    mesh = generation_mesh(cfg, devices)
+    # The mesh `jaxlm.load(..., mesh="config")` builds: the config's, without pipeline stages.
+    mesh = sharding.make_mesh(cfg.replace(mesh=sharding.without_stages(cfg.mesh)).mesh, devices)
     rules = sharding.DEFAULT_RULES
     sharding.check_divisible(mesh, cfg.model, rules)
     if batch % sharding.batch_shards(mesh, rules):

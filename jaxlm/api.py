@@ -20,10 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm import checkpoint, convert, generate, model, quantize, scoring, sharding
@@ -255,15 +257,13 @@ def _quantize_kind(kind: str | None) -> str:
 def _resolve_mesh(mesh, cfg: config_lib.Config):
     """None: the first local device. "config": the config's mesh sizes over all devices, without
     pipeline stages (their devices go to data). A dict: mesh sizes (data, fsdp, tensor; -1 fills)."""
-    one = {"data": 1, "stage": 1, "fsdp": 1, "tensor": 1}
+    one = {"data": 1, "stage": 1, "fsdp": 1, "tensor": 1, "sequence_parallel": False}
     if mesh is None:
         return sharding.make_mesh(cfg.replace(mesh=one).mesh, jax.local_devices()[:1])
     if isinstance(mesh, jax.sharding.Mesh):
         return mesh
     if mesh == "config":
-        sizes = {a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor")}
-        sizes = {**sizes, "data": -1} if -1 not in sizes.values() else sizes
-        sizes["stage"] = 1
+        sizes = sharding.without_stages(cfg.mesh)
     elif isinstance(mesh, dict):
         unknown = set(mesh) - {"data", "fsdp", "tensor"}
         if unknown:
@@ -271,7 +271,7 @@ def _resolve_mesh(mesh, cfg: config_lib.Config):
         sizes = {**one, **mesh}
     else:
         raise GenerateError(f"mesh must be None, 'config' or a dict of sizes, got {mesh!r}")
-    return sharding.make_mesh(cfg.replace(mesh={**sizes, "sequence_parallel": False}).mesh)
+    return sharding.make_mesh(cfg.replace(mesh=sizes).mesh)
 
 
 def _place(params, cfg: model.ModelConfig, mesh, rules, kind: str):
@@ -381,10 +381,6 @@ def bench_generate(cfg: config_lib.Config, batch: int, prompt_len: int, new_toke
     """Time greedy generation of a randomly initialized `cfg` model on random prompts (no EOS,
     so every row makes `new_tokens` tokens), after one untimed run that compiles. Prefill and
     decode tokens/s are the medians of `repeats` runs."""
-    import time
-
-    import numpy as np
-
     lm = LM(cfg, model.init(cfg.model, cfg.train.seed), eos_ids=[], quantize=kind)
     rng = np.random.default_rng(cfg.train.seed)
     prompts = rng.integers(4, cfg.model.vocab_size, (batch, prompt_len)).tolist()

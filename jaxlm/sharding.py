@@ -126,6 +126,15 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
         return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
 
 
+def without_stages(mesh_cfg) -> dict[str, int]:
+    """Mesh sizes for inference from a training mesh config: no pipeline stages, their devices
+    going to data (which fills what is left, unless another axis already does)."""
+    sizes = {axis: getattr(mesh_cfg, axis) for axis in ("data", "fsdp", "tensor")}
+    if -1 not in sizes.values():
+        sizes["data"] = -1
+    return {**sizes, "stage": 1, "sequence_parallel": False}
+
+
 def named_sharding(mesh, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, rules, active_axes(mesh)))
 

@@ -91,8 +91,11 @@ def test_generate_greedy_equals_argmax_loop_and_reports_logprobs(lm):
 def test_eos_ends_a_row_and_masks_what_follows(lm):
     free = lm.generate(PROMPTS, max_new_tokens=9)
     eos = free.ids[0][3]  # a token row 0 emits at step 3: make it the EOS
-    with_eos = api.LM(lm.config, nnx.merge(lm.graphdef, lm.params), eos_ids=[eos])
-    out = with_eos.generate(PROMPTS, max_new_tokens=9)
+    lm.eos_ids = [eos]  # EOS ids are traced: the same compiled programs run
+    try:
+        out = lm.generate(PROMPTS, max_new_tokens=9)
+    finally:
+        lm.eos_ids = []
     for r, row in enumerate(free.ids):
         cut = row.index(eos) if eos in row else None
         assert out.ids[r] == row[:cut]

@@ -161,3 +161,17 @@ def test_load_with_mesh_restores_sharded(workdir):
                                   jax.device_get(one.params["blocks"]["mlp"]["w_up_FD"][...]))
     assert lm.generate(["def "], max_new_tokens=8).ids == one.generate(["def "], max_new_tokens=8).ids
     assert nnx.to_pure_dict(one.params).keys() == nnx.to_pure_dict(lm.params).keys()
+
+
+def test_hf_directory_with_sentencepiece_tokenizer_generates_like_the_workdir(workdir, tmp_path):
+    import shutil
+
+    lm = jaxlm.load(workdir)
+    lm.save_hf(str(tmp_path))
+    shutil.copyfile(f"{workdir}/tokenizer.model", tmp_path / "tokenizer.model")
+    hf = jaxlm.load(str(tmp_path))
+    assert hf.tokenizer is not None and hf.eos_ids == [3]  # no eos_token_id: the tokenizer's EOS
+    want = lm.generate(["def ", "class "], max_new_tokens=8)
+    assert hf.generate(["def ", "class "], max_new_tokens=8).texts == want.texts
+    proc = jaxlm_cli("generate", f"--model={tmp_path}", "--prompt=def ", "--max_new_tokens=8")
+    assert json.loads(proc.stdout.splitlines()[-1])["outputs"][0]["text"] == want.texts[0]
