@@ -17,7 +17,6 @@ import json
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 from jaxlm import config as config_lib
@@ -103,10 +102,3 @@ def saved_config(workdir: str, step: int | None = None) -> dict:
         return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     finally:
         manager.close()
-
-
-def single_device_target(abstract_tree):
-    """Abstract targets that put every restored array on the first local device."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        abstract_tree)

@@ -48,14 +48,6 @@ class QArray:
     scale: jax.Array  # float32, the weight's shape with the contracted axes of size 1
     contracted: int = dataclasses.field(metadata={"static": True})
 
-    @property
-    def shape(self):
-        return self.q.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.size * self.q.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
-
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
 
