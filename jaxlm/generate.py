@@ -47,6 +47,11 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def batch_bucket(rows: int, shards: int) -> int:
+    """Compiled batch size for `rows`: a power of two, rounded up to a multiple of the batch shards."""
+    return -(-bucket(rows, 1) // shards) * shards
+
+
 # --- sampling ------------------------------------------------------------------------------------
 
 
@@ -256,7 +261,7 @@ class Generator:
         called after every `chunk` steps (for streaming)."""
         n = len(prompts)
         shards = sharding.batch_shards(self.mesh, self.rules)
-        B = -(-bucket(n, 1) // shards) * shards
+        B = batch_bucket(n, shards)
         P = bucket(max(len(p) for p in prompts))
         buffer = bucket(max_new_tokens)
         tokens = np.full((B, P), pad_id, np.int32)

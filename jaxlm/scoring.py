@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import sharding
-from jaxlm.generate import GenerateError, bucket
+from jaxlm.generate import GenerateError, batch_bucket, bucket
 
 TOKENS_PER_BATCH = 8192  # tokens per jitted forward (bounds the [rows, length, vocab] logits)
 
@@ -93,7 +93,7 @@ def score(step_fn, params, requests, max_seq_len: int, mesh,
         placed = sharding.named_sharding(mesh, ("batch", None), rules)
         for lo in range(0, len(rows), per_batch):
             group = rows[lo: lo + per_batch]
-            B = min(per_batch, -(-bucket(len(group), 1) // shards) * shards)
+            B = min(per_batch, batch_bucket(len(group), shards))
             arrays = np.zeros((4, B, R), np.int32)  # inputs, targets, segment ids, positions
             where = []  # (request, row, first target column, continuation length)
             for r, members in enumerate(group):
