@@ -67,6 +67,8 @@ def get_config() -> config_dict.ConfigDict:
     t.log_every = 10  # steps between metric lines
     t.eval_every = 200  # steps between validation passes (one also runs at the end)
     t.eval_batches = 0  # validation batches per pass; 0 = the whole validation split
+    t.eval_tasks = ""  # lm-eval tasks run at each evaluation, comma-separated (e.g. "stdlib_mc"); "" = none
+    t.eval_task_limit = 0  # examples per task in those runs; 0 = all
     t.profile_steps = 0  # steps traced by jax.profiler into WORKDIR/profile, after the compiling one; 0 = off
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = the device table, or a measured matmul on CPU
 

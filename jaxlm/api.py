@@ -7,7 +7,7 @@
     logits = lm.logits(tokens)                 # int [B, L] -> float32 [B, L, vocab]
     out = lm.generate(["def "], max_new_tokens=64)   # out.texts, out.ids, out.finish_reasons
     scores = lm.score([("x = ", "1")])         # summed log-prob, token count, is_greedy
-    lm.save_hf("out_dir")                      # loadable by transformers' LlamaForCausalLM
+    lm.save_hf("out_dir")                      # transformers' AutoModelForCausalLM + AutoTokenizer
 
 `LM` holds a validated `Config`, the model's parameters placed on a mesh (one device unless
 asked), and jitted programs compiled once per (bucketed) input shape. This module owns no
@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import checkpoint, convert, generate, model, quantize, scoring, sharding
+from jaxlm import checkpoint, convert, generate, hf_tokenizer, model, quantize, scoring, sharding
 from jaxlm import config as config_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.generate import GenerateError
@@ -182,11 +184,21 @@ class LM:
                              self.config.model.max_seq_len, self.mesh, self.rules)
 
     def save_hf(self, directory: str, dtype: str | None = None) -> None:
-        """Write a HF Llama directory (config.json + safetensors) in `dtype` (default: param dtype)."""
+        """Write a HF Llama directory (config.json + safetensors, in `dtype`, default the params'),
+        its special ids, and the tokenizer files when the LM has a tokenizer (hf_tokenizer.py)."""
         if self.quantize != "none":
             raise GenerateError("save_hf writes float weights: load the model without quantize")
         pure = nnx.to_pure_dict(jax.device_get(self.params))
         convert.write_hf(directory, pure, self.config.model, dtype)
+        if self.tokenizer_path:
+            try:
+                hf_tokenizer.write(self.tokenizer_path, directory, self.config.model.max_seq_len)
+            except tokenizer_lib.TokenizerError as e:
+                # Not a tokenizer jaxlm trained (e.g. an imported Llama's): keep its model file
+                # for transformers' own converter rather than write a tokenizer.json that differs.
+                shutil.copyfile(self.tokenizer_path, os.path.join(directory, "tokenizer.model"))
+                print(f"jaxlm: warning: {e}; copied tokenizer.model only", file=sys.stderr)
+        hf_tokenizer.write_token_ids(directory, self.tokenizer_path, self.eos_ids)
 
     def _check_ids(self, ids, what: str) -> list[int]:
         ids = [int(i) for i in ids]
@@ -359,11 +371,15 @@ def _load_workdir(workdir: str, step: int | None, dtype: str | None, kind: str |
                        quantize=kind, mesh=placed_on)
 
 
-def evaluate_workdir(workdir: str, step: int | None = None, quantize: str | None = None) -> dict:
-    """Validation loss, perplexity and token count of a workdir's checkpoint, on one device
-    (with int8 weights when `quantize="int8"`)."""
-    from jaxlm import tokenizer, train
+def evaluate_workdir(workdir: str, step: int | None = None, quantize: str | None = None,
+                     files: Sequence[str] | None = None) -> dict:
+    """Validation loss, perplexity, bits per byte, token and byte counts of a workdir's
+    checkpoint, on one device (with int8 weights when `quantize="int8"`): on its config's
+    validation split, or on the text `files` (each a document, every one read whole) when given,
+    then also reporting how many files and UTF-8 bytes they hold."""
+    from jaxlm import evaluation, tokenizer
 
+    texts = evaluation.read_texts(list(files)) if files is not None else None
     lm = load(workdir, step=step, quantize=quantize)
     cfg = lm.config
     if lm.tokenizer_path:
@@ -372,7 +388,10 @@ def evaluate_workdir(workdir: str, step: int | None = None, quantize: str | None
     cfg = cfg.replace(mesh={"data": 1, "stage": 1, "fsdp": 1, "tensor": 1,
                             "sequence_parallel": False})
     mesh = sharding.make_mesh(cfg.mesh, jax.local_devices()[:1])
-    result = train.evaluate(cfg, lm.graphdef, nnx.to_pure_dict(lm.params), tok, mesh)
+    result = evaluation.evaluate(cfg, lm.graphdef, nnx.to_pure_dict(lm.params), tok, mesh,
+                                 texts=texts)
+    if texts is not None:
+        result |= {"files": len(texts), "file_bytes": sum(len(t.encode("utf-8")) for t in texts)}
     return {"step": lm.step, **result}
 
 

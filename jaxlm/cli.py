@@ -12,12 +12,27 @@ import sys
 
 from absl import flags
 
+from jaxlm import cli_models
 from jaxlm import config as config_lib
+from jaxlm.cli_common import (
+    DoesNotFit,
+    UsageError,
+    distributed_flags,
+    existing_workdir,
+    join_processes,
+    need_workdir,
+    parse,
+    quantize_flag,
+    quantize_kind,
+    workdir_flag,
+)
 
 COMMANDS = {
     "train": "train a config in --workdir, resuming from its latest checkpoint",
-    "eval": "validation loss and perplexity of a workdir's checkpoint (--step, default latest)",
+    "eval": "validation loss, perplexity, bits per byte of a workdir's checkpoint (--step, "
+            "--files=GLOB)",
     "generate": "generate text from a workdir (--workdir) or a HF Llama directory (--model)",
+    "evaluate": "run lm-eval tasks (--tasks=a,b) in process, offline, on a workdir or --model",
     "bench": "time the train step (tokens/s, MFU) or, --mode=generate, prefill and decode tokens/s",
     "aot": "compile the train step for --devices=N or a TPU --topology: bytes per device, fits",
     "plot": "write a PNG of loss and learning rate against step from a workdir's metrics",
@@ -25,6 +40,7 @@ COMMANDS = {
     "data prepare": "prepare the config's dataset (TFDS array_record) and print its summary",
     "data bench": "tokens/s of the host input pipeline (tokenize + pack + batch)",
     "tokenizer train": "train the config's sentencepiece tokenizer on its train split",
+    "export": "write a workdir (--workdir) or HF directory (--model) as --format=hf into --out",
 }
 
 USAGE = (
@@ -33,184 +49,53 @@ USAGE = (
 )
 
 
-class UsageError(Exception):
-    pass
-
-
-class DoesNotFit(Exception):
-    """`jaxlm aot`: the report is printed as usual, then the message, and the exit code is 1."""
-
-    def __init__(self, message: str, report: dict):
-        super().__init__(message)
-        self.report = report
-
-
-def _flags(argv: list[str], *, config: bool, define=None):
-    """Parse argv into a private FlagValues: the config (when `config`) and the extra flags."""
-    fv = flags.FlagValues()
-    if config:
-        config_lib.define_config_flag(fv, argv)
-    if define:
-        define(fv)
-    if config:
-        return config_lib.parse_flags(fv, argv), fv
-    try:
-        positional = fv(argv)[1:]
-    except flags.Error as e:
-        raise UsageError(config_lib.one_line(str(e))) from None
-    if positional:
-        raise UsageError(f"unexpected argument '{positional[0]}' (flags look like --name=value)")
-    return None, fv
-
-
-def _workdir_flag(fv):
-    flags.DEFINE_string("workdir", None, "run directory (config, checkpoints, metrics)", flag_values=fv)
-
-
-def _need_workdir(fv) -> str:
-    if not fv.workdir:
-        raise UsageError("missing --workdir=DIR")
-    return fv.workdir
-
-
-def _existing_workdir(fv) -> str:
-    import os
-
-    workdir = _need_workdir(fv)
-    if not os.path.isdir(workdir):
-        raise UsageError(f"workdir '{workdir}' does not exist")
-    return workdir
-
-
-def _distributed_flags(fv):
-    _workdir_flag(fv)
-    flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs",
-                        flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, "processes in this run", flag_values=fv,
-                         lower_bound=1)
-    flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv, lower_bound=0)
-    flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for all processes to join",
-                         flag_values=fv, lower_bound=1)
-
-
 def _train(argv: list[str]) -> dict:
-    cfg, fv = _flags(argv, config=True, define=_distributed_flags)
-    workdir = _need_workdir(fv)
-    from jaxlm import distributed, train
-
-    try:
-        distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id,
-                               fv.distributed_timeout)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    cfg, fv = parse(argv, config=True, define=distributed_flags)
+    workdir = need_workdir(fv)
+    join_processes(fv)
+    from jaxlm import train
 
     result = train.train(cfg, workdir)
     if "eval_loss" in result:
         print(f"validation loss {result['eval_loss']:.4f} nats/token, perplexity "
               f"{result['eval_perplexity']:.2f} ({result['eval_tokens']} tokens) at step {result['step']}")
+    import jax
+
+    # The gzip/xz reference, once, and not when a pre-emption notice asks for a quick exit.
+    if "eval_bits_per_byte" in result and not result["stopped_by_sigterm"] and jax.process_index() == 0:
+        from jaxlm import evaluation
+
+        line, reference = evaluation.reference_line(cfg, result)
+        print(line, flush=True)
+        result["compression"] = reference
     return result
 
 
 def _eval(argv: list[str]) -> dict:
     def define(fv):
-        _workdir_flag(fv)
+        workdir_flag(fv)
         flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
-        _quantize_flag(fv)
+        flags.DEFINE_string("files", None, "evaluate on the text files this glob matches (each a "
+                            "document) instead of the validation split", flag_values=fv)
+        quantize_flag(fv)
 
-    _, fv = _flags(argv, config=False, define=define)
-    workdir = _existing_workdir(fv)
+    _, fv = parse(argv, config=False, define=define)
+    workdir = existing_workdir(fv)
+    files = None if fv.files is None else _glob_files(fv.files)
     from jaxlm import api
 
-    return api.evaluate_workdir(workdir, fv.step, _quantize(fv))
+    return api.evaluate_workdir(workdir, fv.step, quantize_kind(fv), files)
 
 
-def _quantize_flag(fv):
-    flags.DEFINE_string("quantize", "none", "weights: none (as stored) or int8 (weight-only, "
-                        "per-channel)", flag_values=fv)
-
-
-def _quantize(fv) -> str:
-    from jaxlm import quantize
-
-    try:
-        return quantize.check_kind(fv.quantize)
-    except quantize.QuantizeError as e:
-        raise UsageError(f"--quantize: {e}") from None
-
-
-def _generate(argv: list[str]) -> dict:
-    def define(fv):
-        _workdir_flag(fv)
-        flags.DEFINE_string("model", None, "a HF Llama directory (instead of --workdir)", flag_values=fv)
-        flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default: the latest)",
-                             flag_values=fv)
-        flags.DEFINE_string("prompt", None, "one prompt; its text streams as it is generated",
-                            flag_values=fv)
-        flags.DEFINE_string("prompts", None, "a JSONL file of {\"prompt\": ...} lines, generated "
-                            "as one batch", flag_values=fv)
-        flags.DEFINE_integer("max_new_tokens", 128, "new tokens per prompt, at most", flag_values=fv)
-        flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=fv)
-        flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens; 0 = off", flag_values=fv)
-        flags.DEFINE_float("top_p", 1.0, "keep the most likely tokens up to this probability",
-                           flag_values=fv)
-        flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
-        flags.DEFINE_multi_string("stop", [], "stop at this string (repeatable)", flag_values=fv)
-        flags.DEFINE_enum("mesh", "one", ["one", "config"], "one device, or the config's mesh over "
-                          "all devices (pipeline stages folded into data)", flag_values=fv)
-        _quantize_flag(fv)
-
-    _, fv = _flags(argv, config=False, define=define)
-    if (fv.workdir is None) == (fv.model is None):
-        raise UsageError("give exactly one of --workdir=DIR (a jaxlm run) or --model=HF_DIR")
-    if (fv.prompt is None) == (fv.prompts is None):
-        raise UsageError("give exactly one of --prompt=TEXT or --prompts=FILE.jsonl")
-    prompts = [fv.prompt] if fv.prompt is not None else _read_prompts(fv.prompts)
-    kind = _quantize(fv)
-    import jaxlm
-
-    path = _existing_workdir(fv) if fv.workdir else fv.model
-    lm = jaxlm.load(path, step=fv.step if fv.workdir else None, quantize=kind,
-                    mesh=None if fv.mesh == "one" else "config")
-    stream = None
-    if fv.prompt is not None and lm.tokenizer is not None:
-        print(fv.prompt, end="", flush=True)
-        stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
-    out = lm.generate(prompts, max_new_tokens=fv.max_new_tokens, temperature=fv.temperature,
-                      top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed, stop=fv.stop or None,
-                      stream=stream)
-    if stream is not None:
-        print(flush=True)
-    stats = out.stats
-    return {
-        "outputs": [{"prompt": p, "text": out.texts[i] if out.texts else None, "ids": out.ids[i],
-                     "finish_reason": out.finish_reasons[i]} for i, p in enumerate(prompts)],
-        "prefill_tokens_per_sec": round(stats["prefill_tokens_per_sec"], 1),
-        "decode_tokens_per_sec": round(stats["decode_tokens_per_sec"], 1),
-        "quantize": kind,
-    }
-
-
-def _read_prompts(path: str) -> list:
+def _glob_files(pattern: str) -> list[str]:
+    import glob
     import os
 
-    if not os.path.isfile(path):
-        raise UsageError(f"--prompts file '{path}' not found")
-    prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                prompt = json.loads(line)["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UsageError(f"{path}:{n}: expected a JSON object with a \"prompt\" field") from None
-            if not (isinstance(prompt, str) or (isinstance(prompt, list)
-                                                and all(isinstance(t, int) for t in prompt))):
-                raise UsageError(f"{path}:{n}: \"prompt\" must be a string or a list of token ids")
-            prompts.append(prompt)
-    if not prompts:
-        raise UsageError(f"--prompts file '{path}' has no prompts")
-    return prompts
+    files = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
+    if not files:
+        raise UsageError(f"--files={pattern} matches no files")
+    return files
 
 
 def _bench(argv: list[str]) -> dict:
@@ -226,13 +111,13 @@ def _bench(argv: list[str]) -> dict:
                              flag_values=fv, lower_bound=1)
         flags.DEFINE_integer("repeats", 3, "generate: timed runs (medians reported)",
                              flag_values=fv, lower_bound=1)
-        _quantize_flag(fv)
+        quantize_flag(fv)
 
-    cfg, fv = _flags(argv, config=True, define=define)
+    cfg, fv = parse(argv, config=True, define=define)
     if fv.mode == "generate":
         from jaxlm import api
 
-        return api.bench_generate(cfg, fv.batch, fv.prompt_len, fv.new_tokens, _quantize(fv),
+        return api.bench_generate(cfg, fv.batch, fv.prompt_len, fv.new_tokens, quantize_kind(fv),
                                   fv.repeats)
     from jaxlm import train
 
@@ -257,9 +142,9 @@ def _aot(argv: list[str]) -> dict:
         flags.DEFINE_integer("seq_len", None, "generate: prompt + new tokens (default: "
                              "data.seq_len)", flag_values=fv, lower_bound=2)
         flags.DEFINE_integer("new_tokens", 128, "generate: new tokens", flag_values=fv, lower_bound=1)
-        _quantize_flag(fv)
+        quantize_flag(fv)
 
-    cfg, fv = _flags(argv, config=True, define=define)
+    cfg, fv = parse(argv, config=True, define=define)
     if (fv.devices is None) == (fv.topology is None):
         raise UsageError("give exactly one of --devices=N (fake CPU devices) or --topology=NAME (TPU)")
     import os
@@ -291,7 +176,7 @@ def _aot(argv: list[str]) -> dict:
     if fv.mode == "generate":
         report = aot.check_generate(cfg, devices, memory, fv.headroom, f"{target} as {name}",
                                     fv.batch, fv.seq_len or cfg.data.seq_len, fv.new_tokens,
-                                    _quantize(fv))
+                                    quantize_kind(fv))
         print(aot.describe_generate(report), flush=True)
         if not report["fits"]:
             raise DoesNotFit(f"does not fit: {report['gib_per_device']} GiB per device, "
@@ -308,35 +193,38 @@ def _aot(argv: list[str]) -> dict:
 
 def _plot(argv: list[str]) -> dict:
     def define(fv):
-        _workdir_flag(fv)
+        workdir_flag(fv)
         flags.DEFINE_string("output", None, "PNG path (default: WORKDIR/training.png)", flag_values=fv)
 
-    _, fv = _flags(argv, config=False, define=define)
-    workdir = _existing_workdir(fv)
+    _, fv = parse(argv, config=False, define=define)
+    workdir = existing_workdir(fv)
     from jaxlm import plot
 
     return {"plot": plot.plot(workdir, fv.output)}
 
 
 def _params(argv: list[str]) -> dict:
-    cfg, _ = _flags(argv, config=True)
+    cfg, _ = parse(argv, config=True)
     from jaxlm import model
 
     return {"num_params": model.num_params(cfg.model), "formula": model.num_params_formula(cfg.model)}
 
 
 def _data_prepare(argv: list[str]) -> dict:
-    cfg, _ = _flags(argv, config=True)
-    from jaxlm import datasets
+    cfg, _ = parse(argv, config=True)
+    from jaxlm import datasets, tasks
 
-    return datasets.prepare(cfg.data)
+    summary = datasets.prepare(cfg.data)
+    if cfg.data.dataset == datasets.STDLIB:  # the offline lm-eval tasks come from its validation split
+        summary["tasks"] = tasks.write(cfg.data)
+    return summary
 
 
 def _data_bench(argv: list[str]) -> dict:
     def define(fv):
         flags.DEFINE_integer("batches", 50, "batches to time", flag_values=fv, lower_bound=1)
 
-    cfg, fv = _flags(argv, config=True, define=define)
+    cfg, fv = parse(argv, config=True, define=define)
     from jaxlm import data
 
     return data.bench(cfg, fv.batches)
@@ -347,7 +235,7 @@ def _tokenizer_train(argv: list[str]) -> dict:
         flags.DEFINE_string("output", None, "where to write the model (default: the dataset's "
                             "tokenizer path under data.data_dir)", flag_values=fv)
 
-    cfg, fv = _flags(argv, config=True, define=define)
+    cfg, fv = parse(argv, config=True, define=define)
     from jaxlm import tokenizer
 
     path = tokenizer.train_for_config(cfg, fv.output)
@@ -357,7 +245,8 @@ def _tokenizer_train(argv: list[str]) -> dict:
 HANDLERS = {
     "train": _train,
     "eval": _eval,
-    "generate": _generate,
+    "generate": cli_models.generate,
+    "evaluate": cli_models.evaluate,
     "bench": _bench,
     "aot": _aot,
     "plot": _plot,
@@ -365,6 +254,7 @@ HANDLERS = {
     "data prepare": _data_prepare,
     "data bench": _data_bench,
     "tokenizer train": _tokenizer_train,
+    "export": cli_models.export,
 }
 
 

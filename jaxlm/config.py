@@ -53,7 +53,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     "optim": ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "z_loss"),
-    "train": ("seed", "eval_batches", "peak_tflops", "profile_steps"),
+    "train": ("seed", "eval_batches", "peak_tflops", "profile_steps", "eval_task_limit"),
     "data": ("streams",),
     "mesh": ("pipeline_microbatches",),
 }

@@ -7,7 +7,8 @@
       -> pack: concatenate and split into rows of seq_len + 1 tokens (grain's ConcatThenSplit;
          long documents are split across rows, never dropped), with segment ids and positions
       -> batch: global_batch_size / S rows per stream, this process's streams side by side
-      -> model batch: inputs/targets shifted by one, a loss weight per target
+      -> model batch: inputs/targets shifted by one, a loss weight per target (validation
+         also: the UTF-8 bytes each target stands for, for bits per byte)
 
 The training iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` restore it
 exactly, and the orbax grain handler checkpoints it. The validation iterator reads its split once,
@@ -54,9 +55,13 @@ def per_process_batch(cfg: Config, shard: Shard) -> int:
 
 
 class _Tokenize(grain.transforms.Map):
-    def __init__(self, tok: tokenizer.Tokenizer, feature: str):
+    """A document -> {"tokens": BOS + ids + EOS}; with `with_bytes` (validation only) also
+    "token_bytes", the UTF-8 bytes of text each token stands for (0 for BOS and EOS)."""
+
+    def __init__(self, tok: tokenizer.Tokenizer, feature: str, with_bytes: bool = False):
         self.tok = tok
         self.feature = feature
+        self.piece_bytes = tok.piece_bytes() if with_bytes else None  # built once, not per thread
 
     def map(self, example):
         text = example[self.feature]
@@ -64,11 +69,14 @@ class _Tokenize(grain.transforms.Map):
         ids = self.tok.encode(text)
         tokens = np.empty(len(ids) + 2, np.int32)
         tokens[0], tokens[1:-1], tokens[-1] = tokenizer.BOS_ID, ids, tokenizer.EOS_ID
-        return {"tokens": tokens}
+        if self.piece_bytes is None:
+            return {"tokens": tokens}
+        return {"tokens": tokens, "token_bytes": self.piece_bytes[tokens]}
 
 
 def model_batch(packed: dict) -> dict:
-    """Packed rows [b, seq_len + 1] -> inputs, targets, segment_ids, positions, weights [b, seq_len].
+    """Packed rows [b, seq_len + 1] -> inputs, targets, segment_ids, positions, weights [b, seq_len],
+    and target_bytes (int32; 0 where the weight is 0) when the rows carry token_bytes.
 
     A target counts (weight 1) when it continues the input's document: same segment, not padding.
     """
@@ -76,13 +84,17 @@ def model_batch(packed: dict) -> dict:
         packed["tokens"], packed["tokens_segment_ids"], packed["tokens_positions"]
     )
     same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
-    return {
+    batch = {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "segment_ids": segments[:, :-1],
         "positions": positions[:, :-1],
         "weights": same_document.astype(np.float32),
     }
+    if "token_bytes" in packed:
+        target_bytes = np.where(same_document, packed["token_bytes"][:, 1:], 0)
+        batch["target_bytes"] = target_bytes.astype(np.int32)
+    return batch
 
 
 def documents(cfg: Config, split: str, shard: Shard, train: bool) -> grain.MapDataset:
@@ -101,10 +113,17 @@ def documents(cfg: Config, split: str, shard: Shard, train: bool) -> grain.MapDa
 
 
 def packed(cfg: Config, split: str, shard: Shard, train: bool, tok) -> grain.IterDataset:
-    """Rows of seq_len + 1 tokens with `tokens_segment_ids` (0 = padding) and `tokens_positions`."""
-    ds = documents(cfg, split, shard, train).map(_Tokenize(tok, datasets.text_feature(cfg.data)))
-    ds = ds.to_iter_dataset(READ_OPTIONS)
-    return ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.data.seq_len + 1})
+    """Rows of seq_len + 1 tokens with `tokens_segment_ids` (0 = padding) and `tokens_positions`;
+    outside training also `token_bytes` (see `_Tokenize`)."""
+    return _pack(documents(cfg, split, shard, train), tok, datasets.text_feature(cfg.data),
+                 cfg.data.seq_len, with_bytes=not train)
+
+
+def _pack(docs: grain.MapDataset, tok, feature: str, seq_len: int, with_bytes: bool):
+    ds = docs.map(_Tokenize(tok, feature, with_bytes)).to_iter_dataset(READ_OPTIONS)
+    # token_bytes has the tokens' lengths, so it is split at the same places and stays aligned.
+    lengths = {"tokens": seq_len + 1, **({"token_bytes": seq_len + 1} if with_bytes else {})}
+    return ConcatThenSplitIterDataset(ds, length_struct=lengths)
 
 
 def streams(cfg: Config, shard: Shard) -> list[Shard]:
@@ -145,17 +164,32 @@ def eval_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.Ite
     """The validation split once, in order, packed; the last batch padded with weight-0 rows."""
     shard = shard or Shard.of_this_process()
     tok = tok or tokenizer.for_config(cfg)
-    batch = per_process_batch(cfg, shard)
-    ds = packed(cfg, cfg.data.eval_split, shard, False, tok)
-    return ds.batch(batch, drop_remainder=False).map(lambda b: model_batch(_pad_rows(b, batch)))
+    return _eval_batches(packed(cfg, cfg.data.eval_split, shard, False, tok),
+                         per_process_batch(cfg, shard))
+
+
+def texts_dataset(cfg: Config, texts: list[str], shard: Shard | None = None,
+                  tok=None) -> grain.IterDataset:
+    """Validation batches, as `eval_dataset` makes them, of `texts` (each one document), once
+    and in order; this process takes every shard.count-th text."""
+    shard = shard or Shard.of_this_process()
+    tok = tok or tokenizer.for_config(cfg)
+    docs = grain.MapDataset.source([{"text": t} for t in texts])[shard.index :: shard.count]
+    return _eval_batches(_pack(docs, tok, "text", cfg.data.seq_len, with_bytes=True),
+                         per_process_batch(cfg, shard))
+
+
+def _eval_batches(rows: grain.IterDataset, batch: int) -> grain.IterDataset:
+    return rows.batch(batch, drop_remainder=False).map(lambda b: model_batch(_pad_rows(b, batch)))
 
 
 def empty_batch(cfg: Config, shard: Shard | None = None) -> dict:
-    """A batch of this process's shape whose weights are all 0 (it adds nothing to a loss)."""
+    """A validation batch of this process's shape whose weights and target_bytes are all 0 (it
+    adds nothing to a loss)."""
     rows = per_process_batch(cfg, shard or Shard.of_this_process())
     zeros = np.zeros((rows, cfg.data.seq_len), np.int32)
     return {"inputs": zeros, "targets": zeros, "segment_ids": zeros, "positions": zeros,
-            "weights": zeros.astype(np.float32)}
+            "weights": zeros.astype(np.float32), "target_bytes": zeros}
 
 
 def _pad_rows(packed: dict, rows: int) -> dict:

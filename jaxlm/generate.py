@@ -294,11 +294,11 @@ class Generator:
             while True:
                 until = max_new_tokens if chunk is None else int(state.step) + chunk
                 state = decode(params, layers, state, jnp.int32(until), s)
-                step, done = int(state.step), np.array(state.done_B)
+                step, done = int(state.step), sharding.fetch(state.done_B).copy()
                 if on_step is not None:
-                    on_step(np.asarray(state.tokens_BM)[0, :step].tolist())
+                    on_step(sharding.fetch(state.tokens_BM)[0, :step].tolist())
                 if stop_check is not None:
-                    tokens_now = np.asarray(state.tokens_BM)[:, :step]
+                    tokens_now = sharding.fetch(state.tokens_BM)[:, :step]
                     hits = [r for r in range(n) if not done[r] and stop_check(r, tokens_now[r].tolist())]
                     if hits:
                         stopped_at[hits], done[hits] = step, True
@@ -314,8 +314,8 @@ class Generator:
     @staticmethod
     def _output(state, n, eos_ids, stopped_at, max_new_tokens, stats) -> Output:
         step = int(state.step)
-        tokens = np.asarray(state.tokens_BM)[:n, :step]
-        logprobs = np.asarray(state.logprobs_BM)[:n, :step]
+        tokens = sharding.fetch(state.tokens_BM)[:n, :step]
+        logprobs = sharding.fetch(state.logprobs_BM)[:n, :step]
         ids, reasons, lps = [], [], []
         eos = set(int(e) for e in eos_ids)
         for r in range(n):

@@ -106,7 +106,7 @@ def score(step_fn, params, requests, max_seq_len: int, mesh,
                     where.append((i, r, col + n - n_cont, n_cont))
                     col += n
             logprob_BL, greedy_BL = step_fn(params, *(jax.device_put(a, placed) for a in arrays))
-            logprob_BL, greedy_BL = np.asarray(logprob_BL), np.asarray(greedy_BL)
+            logprob_BL, greedy_BL = sharding.fetch(logprob_BL), sharding.fetch(greedy_BL)
             for i, r, c, n in where:
                 results[i] = Score(float(logprob_BL[r, c:c + n].astype(np.float64).sum()), n,
                                    bool(greedy_BL[r, c:c + n].all()))

@@ -159,6 +159,16 @@ def batch_shards(mesh, rules: Rules = DEFAULT_RULES) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def fetch(x: jax.Array) -> np.ndarray:
+    """The whole value of `x` on this host: a plain copy, or with several processes (when `x`
+    spans devices of other hosts) an all-gather, which every process must call alike."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

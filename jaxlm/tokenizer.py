@@ -59,6 +59,17 @@ class Tokenizer:
                 else sp.id_to_piece(i).replace("\u2581", " ") for i in range(self.vocab_size)]
         return self._piece_texts
 
+    def piece_bytes(self) -> np.ndarray:
+        """int32 [vocab_size]: the UTF-8 bytes of text each piece stands for: 1 for a byte piece,
+        0 for control and unknown pieces (BOS, EOS, pad), else its text's length in bytes.
+        jaxlm tokenizers are byte-exact, so a document's pieces sum to its UTF-8 length; that is
+        the denominator of bits per byte."""
+        if not hasattr(self, "_piece_bytes"):
+            self._piece_bytes = np.array(
+                [1 if self.sp.is_byte(i) else len(t.encode("utf-8")) if t is not None else 0
+                 for i, t in enumerate(self.piece_texts())], np.int32)
+        return self._piece_bytes
+
     def heal(self, ids: list[int]) -> tuple[list[int], list[int] | None]:
         """Token healing for a prompt that ends inside a longer piece (e.g. "def " ends with a
         lone space, which training text almost never has: there the space is part of " name").

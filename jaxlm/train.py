@@ -1,4 +1,4 @@
-"""Training: the train state, the jitted step, evaluation, and the loop.
+"""Training: the train state, the jitted step, and the loop (evaluation: jaxlm/evaluation.py).
 
 The loop, top to bottom: mesh -> tokenizer and data -> abstract state and its shardings ->
 restore the latest checkpoint or init born-sharded -> jit the step (explicit shardings, donated
@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import attention, checkpoint, data, metrics, model, optim, pipeline, sharding, tokenizer
 from jaxlm.config import Config, ConfigError
+from jaxlm.evaluation import evaluate, make_eval_step
 
 
 class TrainingError(RuntimeError):
@@ -157,40 +158,6 @@ def jit_train_step(cfg: Config, graphdef, tx, shardings: TrainState, batch_shard
                    out_shardings=(shardings, None), donate_argnums=0)
 
 
-def make_eval_step(graphdef):
-    def step(params, batch):
-        _, (nll_sum, weight) = loss_sums(graphdef, params, batch)
-        return nll_sum, weight
-
-    return step
-
-
-def evaluate(cfg: Config, graphdef, params, tok, mesh, eval_step=None) -> dict:
-    """Validation loss (nats/token), perplexity and token count over `train.eval_batches` batches
-    (all when 0). Sums stay on device until the end: one host sync per pass."""
-    if eval_step is None:
-        eval_step = jax.jit(make_eval_step(graphdef))
-    batch_sharding = sharding.batch_sharding(mesh, sharding.rules_for(cfg.mesh))
-    nll, weight = jnp.zeros(()), jnp.zeros(())
-    batches = iter(data.eval_dataset(cfg, tok=tok))
-    i = 0
-    while not cfg.train.eval_batches or i < cfg.train.eval_batches:
-        batch = next(batches, None)
-        if jax.process_count() > 1:
-            # Processes hold different numbers of validation batches; all go on while any has one,
-            # the others feeding weight-0 rows, so every process runs the same steps.
-            if not multihost_utils.process_allgather(np.int32(batch is not None)).max():
-                break
-            batch = batch or data.empty_batch(cfg)
-        elif batch is None:
-            break
-        n, w = eval_step(params, data.to_global(batch, batch_sharding))
-        nll, weight, i = nll + n, weight + w, i + 1
-    nll, weight = float(nll), float(weight)
-    loss = nll / max(weight, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(weight)}
-
-
 # --- the loop ------------------------------------------------------------------------------------
 
 
@@ -308,6 +275,19 @@ class _Stop:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _task_runner(cfg: Config, tok: tokenizer.Tokenizer):
+    """The lm-eval tasks of `train.eval_tasks` as a callable, or None (lm-eval is imported only
+    then: it is the `eval` extra, and harness.py sits above this module, as it loads models)."""
+    if not cfg.train.eval_tasks.strip():
+        return None
+    from jaxlm import harness
+
+    try:
+        return harness.TrainingTasks(cfg, tok.path)
+    except harness.HarnessError as e:
+        raise ConfigError(f"config key 'train.eval_tasks': {e}") from None
+
+
 def train(cfg: Config, workdir: str) -> dict:
     """Train `cfg` in `workdir`, resuming from its latest checkpoint. Returns the final metrics."""
     return run(cfg, workdir)[1]
@@ -338,6 +318,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
     if jax.process_index() != 0:
         tok = _prepare_workdir(cfg, workdir, resuming=start > 0)
     train_iter = iter(data.train_dataset(cfg, tok=tok))
+    eval_tasks = _task_runner(cfg, tok)  # builds abstract shapes: outside the mesh context
     peak = metrics.peak_tflops_per_device(cfg.train.peak_tflops)  # may time a matmul: outside the mesh
     if jax.process_index() == 0 and (summary := pipeline_summary(cfg, mesh)):
         print("pipeline: {pipeline_stages} stages, {pipeline_microbatches} microbatches, bubble "
@@ -410,6 +391,8 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
                     pending = None
                     eval_start = time.perf_counter()
                     last_eval = evaluate(cfg, graphdef, state.params, tok, mesh, eval_step)
+                    if eval_tasks is not None:
+                        last_eval.update(eval_tasks(state.params, mesh))
                     writer.write(step, last_eval)
                     if timer is not None:  # throughput counts training time only
                         timer += time.perf_counter() - eval_start

@@ -7,6 +7,7 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
+import filelock  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -23,6 +24,28 @@ def tiny_cfg():
         },
         "data": {"seq_len": 32},
     })
+
+
+@pytest.fixture(scope="session")
+def stdlib_data_dir(tmp_path_factory):
+    """A data dir with the embedded corpus prepared and a 512-piece tokenizer trained, made once
+    per test session and shared by every xdist worker (under a file lock), for tests that train
+    on the corpus but do not test preparing it. Preparing is deterministic, so sharing changes
+    no result; tests that write into it only add files (tokenizers of other sizes, tasks), each
+    written atomically."""
+    from jaxlm import datasets, tokenizer
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "shared-stdlib-data"
+    with filelock.FileLock(str(root / "shared-stdlib-data.lock")):
+        if not (path / "ready").exists():
+            cfg = config.from_dict({"model": {"vocab_size": 512, "max_seq_len": 32},
+                                    "data": {"data_dir": str(path), "seq_len": 32}})
+            datasets.prepare(cfg.data)
+            tokenizer.for_config(cfg)
+            (path / "ready").touch()
+    return str(path)
 
 
 def pytest_configure(config):

@@ -70,13 +70,21 @@ def test_tpu_topology_compiles_with_libtpu_and_splash_attention():
     assert "attention: auto -> splash on tpu" in proc.stderr  # the Pallas kernel compiled for TPU
 
 
-def test_command_line_errors_are_one_line():
+def test_command_line_errors_are_one_line(capsys, monkeypatch):
+    from jaxlm import cli
+
+    # In this process: each is refused before anything compiles (XLA_FLAGS, which `aot` edits for
+    # --devices, is put back afterwards).
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     for args, says in [
         (["--config=configs/tiny.py"], "exactly one of --devices"),
         (["--config=configs/tiny.py", "--devices=2"], "needs --device"),
         (["--config=configs/tiny.py", "--devices=2", "--device=b200"], "--device='b200' is unknown"),
-        (["--config=configs/tiny.py", "--topology=v9:1x1"], "needs libtpu"),
     ]:
+        assert cli.main(["jaxlm", "aot", *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("jaxlm: error:") and says in err and len(err.splitlines()) == 1, err
+    for args, says in [(["--config=configs/tiny.py", "--topology=v9:1x1"], "needs libtpu")]:
         proc, _ = jaxlm_aot(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.strip().startswith("jaxlm: error:") and says in proc.stderr, proc.stderr

@@ -15,8 +15,8 @@ SEQ = 64
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
+def data_dir(stdlib_data_dir):
+    return stdlib_data_dir
 
 
 @pytest.fixture(scope="module")

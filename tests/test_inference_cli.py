@@ -1,5 +1,6 @@
 """int8 weight-only weights, and the inference commands (`jaxlm generate`, `eval --quantize`,
-`bench --mode=generate`, `aot --mode=generate`) on a workdir trained here."""
+`evaluate`, `bench --mode=generate`, `aot --mode=generate`) on a workdir trained here (with lm-eval
+tasks on its evaluation schedule)."""
 
 import json
 import subprocess
@@ -21,16 +22,16 @@ SMALL = {
               "mlp_dim": 128, "max_seq_len": 64, "tie_embeddings": False},
     "data": {"seq_len": 64},
     "optim": {"lr": 3e-3, "warmup_steps": 5},
-    "train": {"steps": 40, "global_batch_size": 8, "log_every": 20, "eval_every": 1000,
-              "eval_batches": 4},
+    "train": {"steps": 40, "global_batch_size": 8, "log_every": 20, "eval_every": 20,
+              "eval_batches": 4, "eval_tasks": "stdlib_mc", "eval_task_limit": 8},
     "checkpoint": {"every": 1000},
 }
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, stdlib_data_dir):
     """A short real run on the embedded corpus, with its own tokenizer."""
-    data = str(tmp_path_factory.mktemp("data"))
+    data = stdlib_data_dir
     out = str(tmp_path_factory.mktemp("run"))
     cfg = config.from_dict({**SMALL, "data": {**SMALL["data"], "data_dir": data}})
     train.train(cfg, out)
@@ -175,3 +176,38 @@ def test_hf_directory_with_sentencepiece_tokenizer_generates_like_the_workdir(wo
     assert hf.generate(["def ", "class "], max_new_tokens=8).texts == want.texts
     proc = jaxlm_cli("generate", f"--model={tmp_path}", "--prompt=def ", "--max_new_tokens=8")
     assert json.loads(proc.stdout.splitlines()[-1])["outputs"][0]["text"] == want.texts[0]
+
+
+def test_training_writes_task_metrics_at_eval_steps(workdir):
+    with open(f"{workdir}/metrics.jsonl") as f:
+        rows = [r for r in map(json.loads, f) if "stdlib_mc/acc" in r]
+    assert [r["step"] for r in rows] == [20, 40]
+    assert all(0.0 <= r["stdlib_mc/acc"] <= 1.0 and "eval_loss" in r for r in rows)
+
+
+def test_cli_evaluate_writes_results(workdir, tmp_path):
+    out = tmp_path / "results.json"
+    proc = jaxlm_cli("evaluate", f"--workdir={workdir}", "--tasks=stdlib_mc,stdlib_ppl",
+                     "--limit=8", f"--output={out}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "|stdlib_mc" in proc.stdout  # lm-eval's table
+    assert 0.0 <= summary["metrics"]["stdlib_mc/acc"] <= 1.0
+    assert summary["metrics"]["stdlib_ppl/bits_per_byte"] > 0 and summary["step"] == 40
+    full = json.loads(out.read_text())
+    assert full["results"]["stdlib_mc"]["acc,none"] == summary["metrics"]["stdlib_mc/acc"]
+    # The in-training run of the same task on the same final parameters agrees.
+    with open(f"{workdir}/metrics.jsonl") as f:
+        last = [r for r in map(json.loads, f) if "stdlib_mc/acc" in r][-1]
+    assert last["stdlib_mc/acc"] == summary["metrics"]["stdlib_mc/acc"]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--tasks=no_such_task"], "unknown task 'no_such_task'"),
+    (["--tasks=stdlib_mc", "--include_path=/no/such/dir"], "'/no/such/dir' is not a directory"),
+])
+def test_cli_evaluate_errors_are_one_line(workdir, args, named, capsys):
+    from jaxlm import cli
+
+    assert cli.main(["jaxlm", "evaluate", f"--workdir={workdir}", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxlm: error: ") and named in err[0]

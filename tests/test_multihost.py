@@ -29,8 +29,8 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def flags(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("data"))
+def flags(stdlib_data_dir):
+    data_dir = stdlib_data_dir
     values = {**SMALL, "data.data_dir": data_dir}
     # Prepare the corpus and tokenizer once, so the timed runs below only train.
     tokenizer.for_config(config.load("configs/tiny.py", [f"{k}={v}" for k, v in values.items()]))
@@ -174,3 +174,27 @@ def test_multiprocess_flags_must_come_together():
                           "--workdir=/tmp/x", "--num_processes=2"], capture_output=True,
                          text=True, timeout=120, env=env())
     assert out.returncode == 2 and "--coordinator" in out.stderr.strip().splitlines()[-1]
+
+
+def test_two_processes_evaluate_like_one(tmp_path, flags):
+    """`jaxlm evaluate` as two processes on one mesh over both (every process the same requests,
+    results from process 0) gives the metrics of one process on one device."""
+    from jaxlm import harness
+
+    workdir = str(tmp_path / "run")
+    # Room for a whole multiple-choice line in the context window (the training rows stay short).
+    cfg = config.load("configs/tiny.py", [f.removeprefix("--config.") for f in flags[1:]]
+                      + ["model.max_seq_len=128"])
+    train.train(cfg, workdir)
+    tasks = ["stdlib_mc", "stdlib_ppl"]
+    alone = harness.main_metrics(harness.evaluate(jaxlm.load(workdir), tasks, limit=6))
+    out = subprocess.run(["bash", LAUNCH, "2", "evaluate", f"--workdir={workdir}",
+                          f"--tasks={','.join(tasks)}", "--limit=6", "--mesh=config"],
+                         capture_output=True, text=True, timeout=300,
+                         env=env(JAXLM=JAXLM, LOCAL_DEVICES="4", LOG_DIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr + open(tmp_path / "process_1.log").read()
+    together = last_json(out.stdout)["metrics"]
+    assert together.keys() == alone.keys() and "stdlib_mc/acc" in together
+    for key, value in alone.items():
+        assert together[key] == pytest.approx(value, rel=1e-5), key
+    assert "|stdlib_mc" in out.stdout  # process 0 printed lm-eval's table

@@ -111,11 +111,12 @@ def test_batch_not_divisible_by_microbatches_is_a_clear_error(reference):
 
 
 @pytest.mark.slow
-def test_pipelined_training_run_logs_bubble_and_restores_on_one_device(tmp_path, capsys):
+def test_pipelined_training_run_logs_bubble_and_restores_on_one_device(tmp_path, capsys,
+                                                                       stdlib_data_dir):
     cfg = config.from_dict({
         "model": {"vocab_size": 512, "d_model": 32, "num_layers": 4, "num_heads": 4,
                   "num_kv_heads": 2, "mlp_dim": 64, "max_seq_len": 32},
-        "data": {"seq_len": 32, "data_dir": str(tmp_path / "data")},
+        "data": {"seq_len": 32, "data_dir": stdlib_data_dir},
         "optim": {"warmup_steps": 1, "lr": 3e-3},
         "train": {"steps": 3, "global_batch_size": 8, "eval_every": 3, "eval_batches": 1,
                   "log_every": 1},

@@ -181,10 +181,10 @@ def test_sequence_parallel_needs_tensor():
 
 
 @pytest.mark.slow
-def test_restore_onto_other_meshes(tmp_path):
+def test_restore_onto_other_meshes(tmp_path, stdlib_data_dir):
     """A dp2 x fsdp2 x tp2 checkpoint restores bitwise onto fsdp8 and onto one device, and
     training continues on the new mesh."""
-    data_dir = str(tmp_path / "data")
+    data_dir = stdlib_data_dir
     base = layout_cfg(LAYOUTS["dp2_fsdp2_tp2"]).replace(
         model={"vocab_size": 512}, data={"data_dir": data_dir},
         train={"steps": 2, "eval_every": 100, "eval_batches": 1}, checkpoint={"every": 2})

@@ -27,8 +27,8 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
+def data_dir(stdlib_data_dir):
+    return stdlib_data_dir
 
 
 def flags_for(data_dir, **overrides):
@@ -80,7 +80,15 @@ def test_kill_and_resume_is_bitwise(tmp_path, data_dir):
     straight = str(tmp_path / "straight")
     out = run_cli("train", *args, f"--workdir={straight}")
     assert out.returncode == 0, out.stderr
-    assert last_json(out.stdout)["step"] == steps
+    result = last_json(out.stdout)
+    assert result["step"] == steps
+    # The end-of-training line: the model's bits per byte beside gzip's and xz's on the split.
+    reference = result["compression"]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("validation: "))
+    assert f"{result['eval_bits_per_byte']:.3f} bits per byte" in line
+    assert f"on the split's {reference['bytes']:,} bytes gzip -9 gives" in line
+    assert f"xz -9e {reference['xz_bits_per_byte']:.3f}" in line
+    assert 0 < reference["xz_bits_per_byte"] < reference["gzip_bits_per_byte"] < 8
 
     interrupted = str(tmp_path / "interrupted")
     proc = subprocess.Popen(jaxlm_cmd("train", *args, f"--workdir={interrupted}"),
@@ -183,6 +191,7 @@ def test_workdir_contents_load_eval_and_plot(tmp_path, data_dir):
     for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "tflops_per_device", "mfu"):
         assert all(np.isfinite(r[key]) for r in step_records), key
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert all(r["eval_bits_per_byte"] > 0 for r in records if "eval_loss" in r)
 
     # TensorBoard reads the event files (no TensorFlow involved in writing them).
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -206,6 +215,12 @@ def test_workdir_contents_load_eval_and_plot(tmp_path, data_dir):
     evaluated = last_json(out.stdout)
     assert evaluated["step"] == 6
     np.testing.assert_allclose(evaluated["eval_loss"], result["eval_loss"], rtol=1e-5)
+    np.testing.assert_allclose(evaluated["eval_bits_per_byte"], result["eval_bits_per_byte"],
+                               rtol=1e-5)
+    assert evaluated["eval_bytes"] == result["eval_bytes"] > evaluated["eval_tokens"]
+    # bits per byte is the same nats over bytes instead of tokens
+    np.testing.assert_allclose(evaluated["eval_bits_per_byte"] * evaluated["eval_bytes"] * np.log(2),
+                               evaluated["eval_loss"] * evaluated["eval_tokens"], rtol=1e-6)
     assert evaluated["eval_perplexity"] == pytest.approx(np.exp(evaluated["eval_loss"]))
 
     out = run_cli("plot", f"--workdir={workdir}")
