@@ -74,6 +74,7 @@ class LM:
         self._forward = jax.jit(forward)
         self._generator = generate.Generator(cfg.model, self.graphdef, self.mesh, self.rules)
         self._score_step = jax.jit(scoring.make_score_step(self.graphdef))
+        self._shared_step = jax.jit(scoring.make_shared_step(cfg.model, self.graphdef))
 
     @property
     def num_params(self) -> int:
@@ -181,7 +182,8 @@ class LM:
             requests.append((self._check_ids(context, f"pair {n}'s context"),
                              self._check_ids(continuation, f"pair {n}'s continuation")))
         return scoring.score(self._score_step, self.params, requests,
-                             self.config.model.max_seq_len, self.mesh, self.rules)
+                             self.config.model.max_seq_len, self.mesh, self.rules,
+                             shared_fn=self._shared_step)
 
     def save_hf(self, directory: str, dtype: str | None = None) -> None:
         """Write a HF Llama directory (config.json + safetensors, in `dtype`, default the params'),

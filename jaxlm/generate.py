@@ -131,6 +131,14 @@ def _emit(state: DecodeState, logits_BV, s: Settings) -> DecodeState:
         step=i + 1, done_B=done_B)
 
 
+def left_padded(start_B, P: int):
+    """(segment ids, positions) [B, P] of rows whose real tokens start at slot start_B[b]: the
+    left pads are segment 0 (never attended) and positions count the real tokens only."""
+    slot_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (start_B.shape[0], P))
+    segment_ids_BP = (slot_BP >= start_B[:, None]).astype(jnp.int32)
+    return segment_ids_BP, jnp.maximum(slot_BP - start_B[:, None], 0)
+
+
 def make_prefill(cfg: ModelConfig, graphdef, buffer: int):
     """(params, layers, tokens [B, P], start [B], active [B], first_allowed [B, V], seed,
     settings) -> DecodeState after the first emitted token, chosen among `first_allowed` (token
@@ -138,9 +146,7 @@ def make_prefill(cfg: ModelConfig, graphdef, buffer: int):
 
     def prefill(params, layers, tokens_BP, start_B, active_B, first_allowed_BV, seed, s: Settings):
         B, P = tokens_BP.shape
-        slot_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-        segment_ids_BP = (slot_BP >= start_B[:, None]).astype(jnp.int32)  # pads: segment 0
-        positions_BP = jnp.maximum(slot_BP - start_B[:, None], 0)
+        segment_ids_BP, positions_BP = left_padded(start_B, P)
         cache = model.KVCache.empty(cfg, B, P + buffer, start_B)
         decoder = nnx.merge(graphdef, params)
         logits_B1V, cache = decoder(tokens_BP, segment_ids_BP, positions_BP, cache=cache,

@@ -156,6 +156,14 @@ class Attention(nnx.Module):
                 slot_T = jnp.arange(T)
                 allowed_BLS = ((slot_T[None, None, :] >= cache.start_B[:, None, None])
                                & (slot_T[None, None, :] <= cache.index + jnp.arange(L)[None, :, None]))
+                if segment_ids_BL is not None:
+                    # A chunk of several segments after a shared prefix (scoring.py): each sees
+                    # the cached prefix and, among the new slots, only its own segment's.
+                    key_segment_BT = jax.lax.dynamic_update_slice(
+                        jnp.full((q_BLHK.shape[0], T), -1, jnp.int32),
+                        segment_ids_BL.astype(jnp.int32), (0, cache.index))
+                    allowed_BLS &= ((slot_T[None, None, :] < cache.index)
+                                    | (key_segment_BT[:, None, :] == segment_ids_BL[:, :, None]))
                 out_BLHK = attention_lib.masked_attention(q_BLHK, k_BTGK, v_BTGK, allowed_BLS)
         out_BLHK = checkpoint_name(out_BLHK, "attn_out")
         return _matmul("BLHK,DHK->BLD", out_BLHK, self.w_o_DHK, dt), cache

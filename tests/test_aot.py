@@ -62,6 +62,7 @@ def test_oversized_batch_does_not_fit_and_says_what_to_change():
 def test_tpu_topology_compiles_with_libtpu_and_splash_attention():
     proc, report = jaxlm_aot("--config=configs/tiny.py", "--topology=v5e:2x2",
                              "--config.mesh.data=1", "--config.mesh.fsdp=4",
+                             "--config.train.global_batch_size=8",
                              "--config.model.attention=auto", libtpu=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert report["fits"] is True and report["num_devices"] == 4

@@ -24,11 +24,24 @@ def lm():
 
 def alone(lm, context, continuation):
     """Summed log-prob and greedy flag of the continuation from lm.logits on the pair alone."""
-    seq = context + continuation
-    logp = np.asarray(jax.nn.log_softmax(lm.logits([seq[:-1]])[0], axis=-1))
-    rows = np.arange(len(context) - 1, len(seq) - 1)
-    targets = np.asarray(continuation)
-    return logp[rows, targets].sum(), bool((logp[rows].argmax(-1) == targets).all())
+    return alone_all(lm, [(context, continuation)])[0]
+
+
+def alone_all(lm, pairs):
+    """`alone` for many pairs in one forward: each pair is its own row, right-padded, which
+    leaves the logits of its real positions as they are alone (the model is causal)."""
+    width = lm.config.model.max_seq_len
+    rows = np.zeros((len(pairs), width), np.int32)
+    for r, (context, continuation) in enumerate(pairs):
+        seq = (context + continuation)[:-1]
+        rows[r, :len(seq)] = seq
+    logp_all = np.asarray(jax.nn.log_softmax(lm.logits(rows), axis=-1))
+    out = []
+    for logp, (context, continuation) in zip(logp_all, pairs, strict=True):
+        at = np.arange(len(context) - 1, len(context) + len(continuation) - 1)
+        targets = np.asarray(continuation)
+        out.append((logp[at, targets].sum(), bool((logp[at].argmax(-1) == targets).all())))
+    return out
 
 
 def test_packed_scores_equal_each_pair_alone(lm):
@@ -38,11 +51,34 @@ def test_packed_scores_equal_each_pair_alone(lm):
     lengths = [len(c) + len(n) - 1 for c, n in pairs]
     assert len(scoring.pack(lengths, 64)) < len(pairs)  # several requests share a row
     scores = lm.score(pairs)
-    for (context, continuation), got in zip(pairs, scores, strict=True):
-        logprob, greedy = alone(lm, context, continuation)
+    for (_, continuation), got, (logprob, greedy) in zip(pairs, scores, alone_all(lm, pairs),
+                                                              strict=True):
         assert got.num_tokens == len(continuation)
         np.testing.assert_allclose(got.logprob, logprob, atol=1e-4, rtol=1e-5)
         assert got.is_greedy == greedy
+
+
+def test_shared_contexts_score_as_each_pair_alone(lm):
+    """Choices of one context (scored from one pass over it, through the KV cache) beside pairs
+    with contexts of their own: every score equals the pair alone; a context too long for the
+    window goes the packed way, cut from the left."""
+    rng = np.random.RandomState(1)
+    questions = [rng.randint(1, VOCAB, c).tolist() for c in (20, 3, 40, 16)]
+    pairs = [(q, rng.randint(1, VOCAB, n).tolist()) for q in questions for n in (1, 4, 2, 9)]
+    # Six choices that do not fit one row after their context: split into runs.
+    pairs += [(questions[0], rng.randint(1, VOCAB, 9).tolist()) for _ in range(6)]
+    assert len(scoring._fitting([0, 1, 2, 3] + list(range(16, 22)), pairs, 64)) == 2
+    pairs += [(rng.randint(1, VOCAB, 7).tolist(), [5, 6]), (list(range(1, 70)), [8, 9])]
+    scores = lm.score(pairs)
+    kept = [((c + n)[-(lm.config.model.max_seq_len + 1):][:-len(n)], n) for c, n in pairs]
+    for (_, continuation), got, (logprob, greedy) in zip(pairs, scores, alone_all(lm, kept),
+                                                         strict=True):
+        assert got.num_tokens == len(continuation)
+        np.testing.assert_allclose(got.logprob, logprob, atol=1e-4, rtol=1e-5)
+        assert got.is_greedy == greedy
+    # The same requests without the shared path: the same scores.
+    plain = scoring.score(lm._score_step, lm.params, pairs, lm.config.model.max_seq_len, lm.mesh)
+    np.testing.assert_allclose([s.logprob for s in plain], [s.logprob for s in scores], atol=1e-4)
 
 
 def test_is_greedy_on_the_models_own_greedy_output(lm):
