@@ -383,14 +383,11 @@ def evaluate_workdir(workdir: str, step: int | None = None, quantize: str | None
 
     texts = evaluation.read_texts(list(files)) if files is not None else None
     lm = load(workdir, step=step, quantize=quantize)
-    cfg = lm.config
-    if lm.tokenizer_path:
-        cfg = cfg.replace(data={"tokenizer": lm.tokenizer_path})
-    tok = tokenizer.for_config(cfg)
-    cfg = cfg.replace(mesh={"data": 1, "stage": 1, "fsdp": 1, "tensor": 1,
-                            "sequence_parallel": False})
-    mesh = sharding.make_mesh(cfg.mesh, jax.local_devices()[:1])
-    result = evaluation.evaluate(cfg, lm.graphdef, nnx.to_pure_dict(lm.params), tok, mesh,
+    # The LM sits on one device already (load's default): evaluate there, with its tokenizer.
+    tok = lm.tokenizer or tokenizer.for_config(lm.config)
+    cfg = lm.config.replace(mesh={"data": 1, "stage": 1, "fsdp": 1, "tensor": 1,
+                                  "sequence_parallel": False})
+    result = evaluation.evaluate(cfg, lm.graphdef, nnx.to_pure_dict(lm.params), tok, lm.mesh,
                                  texts=texts)
     if texts is not None:
         result |= {"files": len(texts), "file_bytes": sum(len(t.encode("utf-8")) for t in texts)}
