@@ -34,11 +34,17 @@ def get_config() -> config_dict.ConfigDict:
     m.attention = "xla"  # xla (blockwise jnp, anywhere) | cudnn (NVIDIA GPU, bf16) | splash (TPU) | auto
 
     c.data = d = config_dict.ConfigDict()
-    d.dataset = "stdlib"  # stdlib (embedded corpus) | local (data.files) | a prepared TFDS name, e.g. c4/en
+    # stdlib (embedded corpus) | local (data.files) | sft (data.files) | stdlib_sft (demo SFT rows)
+    # | a prepared TFDS name, e.g. c4/en
+    d.dataset = "stdlib"  # which text (see above)
     d.data_dir = "~/.cache/jaxlm/data"  # where TFDS datasets and tokenizers are prepared and read
     d.tokenizer = ""  # sentencepiece model path; "" = train one for the dataset on first use
     d.seq_len = 1024  # tokens per packed training row; <= model.max_seq_len
-    d.files = ""  # dataset=local: glob of .txt (a document per file) or .jsonl (a document per line)
+    d.files = ""  # local: glob of .txt (a document per file) or .jsonl (one per line); sft: .jsonl rows
+    d.eval_files = ""  # sft: glob of validation .jsonl files; "" = hold out 3% of data.files' rows
+    d.chat_template = "<|{role}|>\n{content}\n"  # sft: how each chat message is written (see jaxlm/sft.py)
+    d.too_long = "truncate_prompt"  # sft: a row over seq_len + 1 tokens: truncate_prompt | drop
+    d.bad_rows = "error"  # sft: a malformed .jsonl row: error (one line naming file:line) | skip (counted)
     d.text_field = "text"  # the text's field in local .jsonl lines, or feature of a TFDS dataset
     d.local_name = "my_text"  # dataset=local: the name the files are prepared under
     d.train_split = "train"  # split read for training
@@ -64,6 +70,7 @@ def get_config() -> config_dict.ConfigDict:
     t.steps = 1000  # optimizer steps
     t.global_batch_size = 32  # rows per optimizer step, summed over all devices and hosts
     t.seed = 0  # seed of parameter init and data order
+    t.init_from = ""  # start from a model: a workdir (DIR or DIR:STEP, params only) or HF dir; "" = none
     t.log_every = 10  # steps between metric lines
     t.eval_every = 200  # steps between validation passes (one also runs at the end)
     t.eval_batches = 0  # validation batches per pass; 0 = the whole validation split
@@ -71,6 +78,13 @@ def get_config() -> config_dict.ConfigDict:
     t.eval_task_limit = 0  # examples per task in those runs; 0 = all
     t.profile_steps = 0  # steps traced by jax.profiler into WORKDIR/profile, after the compiling one; 0 = off
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = the device table, or a measured matmul on CPU
+
+    c.lora = r = config_dict.ConfigDict()
+    r.rank = 0  # LoRA rank: train low-rank factors of the targets only, the rest frozen; 0 = off
+    r.alpha = 16.0  # LoRA scale numerator: the update is (alpha / rank) x B A
+    r.targets = "q,k,v,o,gate,up,down"  # the block matmuls adapted, comma-separated
+    r.rslora = False  # scale alpha / sqrt(rank) instead (rank-stabilized LoRA)
+    r.base_dtype = ""  # storage dtype of the frozen base (e.g. bfloat16); "" = model.param_dtype
 
     c.checkpoint = k = config_dict.ConfigDict()
     k.every = 200  # steps between checkpoints (one is always written at the end)

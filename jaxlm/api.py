@@ -311,7 +311,8 @@ def from_params(cfg: config_lib.Config, params: dict, **kwargs) -> LM:
 
 
 def load(path: str, *, step: int | None = None, dtype: str | None = None,
-         param_dtype: str = "float32", quantize: str | None = None, mesh=None) -> LM:
+         param_dtype: str = "float32", quantize: str | None = None, mesh=None,
+         adapter: str | None = None) -> LM:
     """Load an `LM` from a HF Llama directory (config.json + safetensors) or a jaxlm workdir.
 
     For a workdir, only the parameters of the checkpoint at `step` (default: the latest finished
@@ -324,7 +325,13 @@ def load(path: str, *, step: int | None = None, dtype: str | None = None,
     The tokenizer is the workdir's tokenizer.model, or a HF directory's sentencepiece
     tokenizer.model when it has one; EOS ids come from the tokenizer, or for a HF directory from
     generation_config.json / config.json.
+
+    A LoRA run's workdir loads as its base with the factors merged in. `adapter`: a PEFT LoRA
+    adapter directory merged into the loaded model (jaxlm/peft.py; before any quantization).
     """
+    if adapter is not None:
+        lm = load(path, step=step, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        return _with_adapter(lm, adapter, quantize)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"'{path}' is not a directory")
     if os.path.isdir(checkpoint.checkpoint_dir(path)):
@@ -341,6 +348,33 @@ def load(path: str, *, step: int | None = None, dtype: str | None = None,
         f"'{path}' is neither a jaxlm workdir (no checkpoints/) nor a HF Llama directory "
         "(no config.json)"
     )
+
+
+def _with_adapter(lm: LM, adapter: str, kind: str | None) -> LM:
+    from jaxlm import lora, peft
+
+    pure = nnx.to_pure_dict(lm.params)
+    factors, _, scale = peft.read(adapter, pure)
+    merged = jax.jit(lora.merge, static_argnums=2)(pure, factors, scale)
+    return from_params(lm.config, merged, step=lm.step, tokenizer_path=lm.tokenizer_path,
+                       eos_ids=lm.eos_ids, quantize=kind, mesh=lm.mesh)
+
+
+def save_peft(workdir: str, directory: str, step: int | None = None) -> None:
+    """Write a LoRA run's factors (checkpoint `step`, default the latest) as a PEFT adapter."""
+    from jaxlm import lora, optim, peft, train
+
+    cfg = config_lib.from_dict(checkpoint.saved_config(workdir, step))
+    if not cfg.lora.rank:
+        raise lora.LoraError(f"'{workdir}' is not a LoRA run (its lora.rank is 0): export it "
+                             "with --format=hf")
+    _, abstract, _ = train.abstract_state(cfg, optim.make(cfg))
+    one = sharding.replicated(_resolve_mesh(None, cfg))
+    _, factors = checkpoint.restore_params(
+        workdir, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                              abstract.params), step)
+    peft.write(directory, jax.device_get(factors), lora.parse_targets(cfg.lora.targets),
+               cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora, base=cfg.train.init_from)
 
 
 def _hf_eos_ids(path: str, hf: dict) -> list[int] | None:
@@ -362,15 +396,35 @@ def _load_workdir(workdir: str, step: int | None, dtype: str | None, kind: str |
     if dtype:
         cfg = cfg.replace(model={"dtype": dtype})
     placed_on = _resolve_mesh(mesh, cfg)
-    _, abstract_params = nnx.split(model.abstract(cfg.model), nnx.Param)
-    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-    shardings = sharding.tree_shardings(placed_on, specs)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(abstract_params), shardings)
-    step, params = checkpoint.restore_params(workdir, target, step)
+    if cfg.lora.rank:
+        step, params = _merged_lora_params(cfg, workdir, step, placed_on)
+    else:
+        _, abstract_params = nnx.split(model.abstract(cfg.model), nnx.Param)
+        specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+        shardings = sharding.tree_shardings(placed_on, specs)
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              nnx.to_pure_dict(abstract_params), shardings)
+        step, params = checkpoint.restore_params(workdir, target, step)
     tok = os.path.join(workdir, "tokenizer.model")
     return from_params(cfg, params, step=step, tokenizer_path=tok if os.path.isfile(tok) else None,
                        quantize=kind, mesh=placed_on)
+
+
+def _merged_lora_params(cfg: config_lib.Config, workdir: str, step: int | None, mesh):
+    """(step, params) of a LoRA run: its base (train.init_from, pinned in its config, or the
+    seed's) plus the checkpoint's factors, merged in float32 into model.param_dtype."""
+    from jaxlm import finetune, lora, optim, train
+
+    _, abstract, (specs, frozen_specs) = train.abstract_state(cfg, optim.make(cfg))
+    shardings = train.TrainState(None, sharding.tree_shardings(mesh, specs), None,
+                                 sharding.tree_shardings(mesh, frozen_specs))
+    step, factors = checkpoint.restore_params(
+        workdir, train.with_shardings(abstract.params, shardings.params), step)
+    source = finetune.source(cfg.train.init_from) if cfg.train.init_from else None
+    base = train.frozen_base(cfg, source, abstract, shardings)
+    scale = lora.scale(cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora)
+    merge = jax.jit(lora.merge, static_argnums=(2, 3))
+    return step, merge(base, factors, scale, jnp.dtype(cfg.model.param_dtype))
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, quantize: str | None = None,

@@ -95,6 +95,17 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
         manager.close()
 
 
+def steps(workdir: str) -> list[int]:
+    """The finished checkpoints' steps, ascending ([] without a checkpoints/ folder)."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return []
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
 def saved_config(workdir: str, step: int | None = None) -> dict:
     manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS)
     try:

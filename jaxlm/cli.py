@@ -37,7 +37,7 @@ COMMANDS = {
     "aot": "compile the train step for --devices=N or a TPU --topology: bytes per device, fits",
     "plot": "write a PNG of loss and learning rate against step from a workdir's metrics",
     "params": "parameter count of a config, from abstract shapes (nothing allocated)",
-    "data prepare": "prepare the config's dataset (TFDS array_record) and print its summary",
+    "data prepare": "prepare the config's dataset (TFDS array_record, or SFT rows) and print its summary",
     "data bench": "tokens/s of the host input pipeline (tokenize + pack + batch)",
     "tokenizer train": "train the config's sentencepiece tokenizer on its train split",
     "export": "write a workdir (--workdir) or HF directory (--model) as --format=hf into --out",
@@ -61,10 +61,12 @@ def _train(argv: list[str]) -> dict:
               f"{result['eval_perplexity']:.2f} ({result['eval_tokens']} tokens) at step {result['step']}")
     import jax
 
-    # The gzip/xz reference, once, and not when a pre-emption notice asks for a quick exit.
-    if "eval_bits_per_byte" in result and not result["stopped_by_sigterm"] and jax.process_index() == 0:
-        from jaxlm import evaluation
+    from jaxlm import evaluation, sft
 
+    # The gzip/xz reference, once, and not when a pre-emption notice asks for a quick exit; not
+    # for SFT, whose validation loss covers completions only.
+    if ("eval_bits_per_byte" in result and not result["stopped_by_sigterm"]
+            and jax.process_index() == 0 and cfg.data.dataset not in sft.DATASETS):
         line, reference = evaluation.reference_line(cfg, result)
         print(line, flush=True)
         result["compression"] = reference
@@ -212,8 +214,13 @@ def _params(argv: list[str]) -> dict:
 
 def _data_prepare(argv: list[str]) -> dict:
     cfg, _ = parse(argv, config=True)
-    from jaxlm import datasets, tasks
+    from jaxlm import datasets, finetune, sft, tasks, tokenizer
 
+    if cfg.data.dataset in sft.DATASETS:  # tokenized with the tokenizer the run will use
+        cfg, _ = finetune.resolve(cfg)
+        summary = sft.prepare(cfg.data, tokenizer.for_config(cfg))
+        print(sft.summary_line(summary), flush=True)
+        return summary
     summary = datasets.prepare(cfg.data)
     if cfg.data.dataset == datasets.STDLIB:  # the offline lm-eval tasks come from its validation split
         summary["tasks"] = tasks.write(cfg.data)
@@ -269,14 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     if command in COMMANDS and any(a in ("-h", "--help", "--helpfull") for a in rest[1:]):
         print(f"jaxlm {command}: {COMMANDS[command]}\n\n{USAGE}", end="")
         return 0
-    from jaxlm import convert, datasets, generate, tokenizer, train
+    from jaxlm import convert, datasets, generate, lora, tokenizer, train
 
     try:
         if command not in HANDLERS:
             raise UsageError(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")
         result = HANDLERS[command](rest)
     except (config_lib.ConfigError, UsageError, datasets.DataError, tokenizer.TokenizerError,
-            convert.ConversionError, generate.GenerateError, FileNotFoundError) as e:
+            convert.ConversionError, generate.GenerateError, lora.LoraError,
+            FileNotFoundError) as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 2
     except train.TrainingError as e:

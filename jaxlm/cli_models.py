@@ -115,13 +115,14 @@ def read_prompts(path: str) -> list:
     return prompts
 
 
-EXPORT_FORMATS = ("hf",)
+EXPORT_FORMATS = ("hf", "peft")
 
 
 def export(argv: list[str]) -> dict:
     def define(fv):
         model_flags(fv)
-        flags.DEFINE_string("format", "hf", "hf: a transformers Llama directory with its tokenizer",
+        flags.DEFINE_string("format", "hf", "hf: a transformers Llama directory with its "
+                            "tokenizer (a LoRA run: merged); peft: a LoRA run's adapter",
                             flag_values=fv)
         flags.DEFINE_string("out", None, "directory to write", flag_values=fv)
         flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "weights dtype "
@@ -134,6 +135,16 @@ def export(argv: list[str]) -> dict:
         raise UsageError("missing --out=DIR")
     import os
 
-    _, lm = load_model(fv)
-    lm.save_hf(fv.out, fv.dtype)
+    if fv.format == "peft":
+        if not fv.workdir:
+            raise UsageError("--format=peft exports a LoRA run: pass --workdir=DIR")
+        from jaxlm import api, lora
+
+        try:
+            api.save_peft(fv.workdir, fv.out, fv.step)
+        except lora.LoraError as e:
+            raise UsageError(str(e)) from None
+    else:
+        _, lm = load_model(fv)
+        lm.save_hf(fv.out, fv.dtype)
     return {"format": fv.format, "out": fv.out, "files": sorted(os.listdir(fv.out))}

@@ -33,6 +33,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 MESH_AXES = ("data", "stage", "fsdp", "tensor")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # jaxlm/lora.py's TARGETS
 
 CHOICES = {
     "model.dtype": DTYPES,
@@ -40,6 +41,8 @@ CHOICES = {
     "model.remat": REMAT_POLICIES,
     "model.attention": ("xla", "cudnn", "splash", "auto"),  # see jaxlm/attention.py
     "optim.schedule": SCHEDULES,
+    "data.too_long": ("truncate_prompt", "drop"),
+    "data.bad_rows": ("error", "skip"),
 }
 
 # Keys that must be > 0 (when not None) and keys that must be >= 0.
@@ -50,12 +53,14 @@ POSITIVE = {
     "optim": ("lr", "grad_accum_steps"),
     "train": ("steps", "global_batch_size", "log_every", "eval_every"),
     "checkpoint": ("every", "keep"),
+    "lora": ("alpha",),
 }
 NON_NEGATIVE = {
     "optim": ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "z_loss"),
     "train": ("seed", "eval_batches", "peak_tflops", "profile_steps", "eval_task_limit"),
     "data": ("streams",),
     "mesh": ("pipeline_microbatches",),
+    "lora": ("rank",),
 }
 
 
@@ -80,6 +85,7 @@ ModelConfig = _make_group_class("model")
 DataConfig = _make_group_class("data")
 OptimConfig = _make_group_class("optim")
 TrainConfig = _make_group_class("train")
+LoraConfig = _make_group_class("lora")
 CheckpointConfig = _make_group_class("checkpoint")
 MeshConfig = _make_group_class("mesh")
 _GROUP_CLASSES = {
@@ -87,6 +93,7 @@ _GROUP_CLASSES = {
     "data": DataConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "lora": LoraConfig,
     "checkpoint": CheckpointConfig,
     "mesh": MeshConfig,
 }
@@ -101,6 +108,7 @@ class Config:
     data: DataConfig
     optim: OptimConfig
     train: TrainConfig
+    lora: LoraConfig
     checkpoint: CheckpointConfig
     mesh: MeshConfig
 
@@ -229,6 +237,23 @@ def _check_values(cfg: Config) -> None:
     if d.dataset == "local" and not d.files:
         raise ConfigError("config key 'data.files' must be a glob of .txt/.jsonl files when "
                           "data.dataset is 'local'")
+    if d.dataset == "sft" and not d.files:
+        raise ConfigError("config key 'data.files' must be a glob of .jsonl files when "
+                          "data.dataset is 'sft'")
+    if d.dataset in ("sft", "stdlib_sft") and not (d.tokenizer or cfg.train.init_from):
+        raise ConfigError(f"data.dataset '{d.dataset}' needs a tokenizer: set 'train.init_from' "
+                          "(the source's tokenizer is used) or 'data.tokenizer'")
+
+    r = cfg.lora
+    if r.base_dtype and r.base_dtype not in DTYPES:
+        raise ConfigError(f"config key 'lora.base_dtype' is {r.base_dtype!r}; valid choices: \"\", "
+                          + ", ".join(DTYPES))
+    if r.rank:
+        names = [t.strip() for t in r.targets.split(",") if t.strip()]
+        bad = [t for t in names if t not in LORA_TARGETS]
+        if bad or not names:
+            raise ConfigError(f"config key 'lora.targets' ({r.targets!r}): each must be one of "
+                              + ", ".join(LORA_TARGETS))
 
     if cfg.mesh.sequence_parallel and cfg.mesh.tensor == 1:
         raise ConfigError("config key 'mesh.sequence_parallel' needs 'mesh.tensor' > 1 (it splits "

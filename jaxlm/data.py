@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, ZipIterDataset
 
-from jaxlm import datasets, tokenizer
+from jaxlm import datasets, sft, tokenizer
 from jaxlm.config import Config
 
 # Tokenizing is the costly step and SentencePiece releases the GIL, so a few threads help; the
@@ -78,12 +78,15 @@ def model_batch(packed: dict) -> dict:
     """Packed rows [b, seq_len + 1] -> inputs, targets, segment_ids, positions, weights [b, seq_len],
     and target_bytes (int32; 0 where the weight is 0) when the rows carry token_bytes.
 
-    A target counts (weight 1) when it continues the input's document: same segment, not padding.
+    A target counts (weight 1) when it continues the input's document: same segment, not padding,
+    and, for rows that carry a `loss` mask (SFT), when the mask marks it.
     """
     tokens, segments, positions = (
         packed["tokens"], packed["tokens_segment_ids"], packed["tokens_positions"]
     )
     same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+    if "loss" in packed:
+        same_document &= packed["loss"][:, 1:] > 0
     batch = {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
@@ -112,9 +115,12 @@ def documents(cfg: Config, split: str, shard: Shard, train: bool) -> grain.MapDa
     return ds
 
 
-def packed(cfg: Config, split: str, shard: Shard, train: bool, tok) -> grain.IterDataset:
+def packed(cfg: Config, split: str, shard: Shard, train: bool, tok, rows: int) -> grain.IterDataset:
     """Rows of seq_len + 1 tokens with `tokens_segment_ids` (0 = padding) and `tokens_positions`;
-    outside training also `token_bytes` (see `_Tokenize`)."""
+    outside training also `token_bytes` (see `_Tokenize`). SFT data (jaxlm/sft.py) packs whole
+    examples, `rows` at a time, and adds their `loss` mask."""
+    if cfg.data.dataset in sft.DATASETS:
+        return sft.packed(cfg, split, shard, train, tok, rows, with_bytes=not train)
     return _pack(documents(cfg, split, shard, train), tok, datasets.text_feature(cfg.data),
                  cfg.data.seq_len, with_bytes=not train)
 
@@ -153,7 +159,7 @@ def train_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.It
     tok = tok or tokenizer.for_config(cfg)
     mine = streams(cfg, shard)
     rows = cfg.train.global_batch_size // (len(mine) * shard.count)
-    parts = [packed(cfg, cfg.data.train_split, s, True, tok).batch(rows, drop_remainder=True)
+    parts = [packed(cfg, cfg.data.train_split, s, True, tok, rows).batch(rows, drop_remainder=True)
              for s in mine]
     # One zipped iterator keeps a single checkpointable state for all of this process's streams.
     ds = parts[0] if len(parts) == 1 else ZipIterDataset(parts).map(_concat_rows)
@@ -164,8 +170,8 @@ def eval_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.Ite
     """The validation split once, in order, packed; the last batch padded with weight-0 rows."""
     shard = shard or Shard.of_this_process()
     tok = tok or tokenizer.for_config(cfg)
-    return _eval_batches(packed(cfg, cfg.data.eval_split, shard, False, tok),
-                         per_process_batch(cfg, shard))
+    rows = per_process_batch(cfg, shard)
+    return _eval_batches(packed(cfg, cfg.data.eval_split, shard, False, tok, rows), rows)
 
 
 def texts_dataset(cfg: Config, texts: list[str], shard: Shard | None = None,
@@ -197,6 +203,14 @@ def _pad_rows(packed: dict, rows: int) -> dict:
     if missing == 0:
         return packed
     return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in packed.items()}
+
+
+def prepare(cfg: Config, tok) -> str | None:
+    """Prepare what the data pipeline of `cfg` reads beyond the dataset itself (SFT rows, once);
+    a line for the log, or None."""
+    if cfg.data.dataset not in sft.DATASETS:
+        return None
+    return sft.summary_line(sft.prepare(cfg.data, tok))
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:

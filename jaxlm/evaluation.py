@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm import data, datasets, sharding
+from jaxlm import data, datasets, objectives, sharding
 from jaxlm.config import Config
 
 # Beyond this many bytes of validation text the gzip/xz reference is skipped: xz -9e runs at
@@ -38,12 +38,11 @@ XZ_PRESET = 9 | lzma.PRESET_EXTREME
 
 def make_eval_step(graphdef):
     """(params, batch) -> (nll sum, weight sum, byte sum) over the batch's weighted targets.
-    The nll is the training loss's (train.loss_sums without z-loss), so eval_loss and the
+    The nll is the training loss's (objectives.lm_sums without z-loss), so eval_loss and the
     training loss measure the same thing."""
-    from jaxlm.train import loss_sums  # train.py imports this module at its top
 
     def step(params, batch):
-        _, (nll_sum, weight) = loss_sums(graphdef, params, batch)
+        _, (nll_sum, weight) = objectives.lm_sums(graphdef, params, batch)
         # int32: exact (float32 would round past 2**24 bytes), enough for 2 GB of text.
         return nll_sum, weight, batch["target_bytes"].sum(dtype=jnp.int32)
 

@@ -18,7 +18,8 @@ One parameter layout for both keeps checkpoints and HF conversion independent of
 Decoding uses the same code: a `KVCache` (keys and values stacked along `layers` like the params)
 is passed through the same layer loop, and each attention writes its new keys and values into it.
 A matmul weight may hold a `quantize.QArray` (int8 + scales) instead of a float array; `_matmul`
-dequantizes it inside the jitted program (jaxlm/quantize.py).
+dequantizes it inside the jitted program (jaxlm/quantize.py). It may also hold a
+`lora.LoraWeight` (a frozen weight and its low-rank factors), whose two products `_matmul` adds.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm import attention as attention_lib
-from jaxlm import pipeline, quantize
+from jaxlm import lora, pipeline, quantize
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
 
@@ -110,8 +111,12 @@ def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
 
 
 def _matmul(spec: str, x, weight: nnx.Param, dtype, **kwargs):
-    """`jnp.einsum(spec, x, weight)` in `dtype`, for a float or an int8-quantized weight."""
-    return quantize.einsum(spec, x, weight.get_value(), dtype, **kwargs)
+    """`jnp.einsum(spec, x, weight)` in `dtype`, for a float or an int8-quantized weight, or a
+    frozen weight with LoRA factors (jaxlm/lora.py)."""
+    w = weight.get_value()
+    if isinstance(w, lora.LoraWeight):
+        return lora.einsum(spec, x, w, dtype, **kwargs)
+    return quantize.einsum(spec, x, w, dtype, **kwargs)
 
 
 class Attention(nnx.Module):

@@ -214,13 +214,13 @@ def build(docs: list[tuple[str, str]], out: str) -> str:
         files = {}
         for split, rows in splits.items():
             files[split] = os.path.abspath(os.path.join(out, f"{name}.{split}.jsonl"))
-            _write_atomic(files[split], "".join(json.dumps(r, ensure_ascii=False) + "\n"
+            write_atomic(files[split], "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                 for r in rows))
-        _write_atomic(os.path.join(out, f"{name}.yaml"), _yaml(name, files, body % VERSION))
+        write_atomic(os.path.join(out, f"{name}.yaml"), _yaml(name, files, body % VERSION))
     return out
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

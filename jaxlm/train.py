@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 
 import jax
@@ -28,7 +27,21 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxlm import attention, checkpoint, data, metrics, model, optim, pipeline, sharding, tokenizer
+from jaxlm import (
+    attention,
+    checkpoint,
+    data,
+    finetune,
+    lora,
+    metrics,
+    model,
+    objectives,
+    optim,
+    pipeline,
+    runtime,
+    sharding,
+    tokenizer,
+)
 from jaxlm.config import Config, ConfigError
 from jaxlm.evaluation import evaluate, make_eval_step
 
@@ -41,64 +54,62 @@ class TrainingError(RuntimeError):
 @dataclasses.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: dict  # pure nested dict, the model's parameter layout
+    params: dict  # pure nested dict: what the optimizer trains (the model's params, or LoRA factors)
     opt_state: optax.OptState
-
-
-# --- loss ----------------------------------------------------------------------------------------
-
-
-def cross_entropy(logits_BLV, targets_BL, mask_BL=None):
-    """Mean token cross-entropy in float32 over the tokens where `mask_BL` is true."""
-    nll_BL, _ = _nll_and_lse(logits_BLV, targets_BL)
-    if mask_BL is None:
-        return nll_BL.mean()
-    mask_BL = mask_BL.astype(jnp.float32)
-    return (nll_BL * mask_BL).sum() / jnp.maximum(mask_BL.sum(), 1.0)
-
-
-def _nll_and_lse(logits_BLV, targets_BL):
-    logits_BLV = logits_BLV.astype(jnp.float32)
-    lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-    return lse_BL - target_logit_BL, lse_BL
-
-
-def loss_sums(graphdef, params, batch, z_loss: float = 0.0):
-    """(objective summed over weighted tokens, (nll sum, weight sum)). Sums, not means, so
-    microbatches add up to exactly the whole batch."""
-    logits_BLV = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"], batch["positions"])
-    nll_BL, lse_BL = _nll_and_lse(logits_BLV, batch["targets"])
-    w_BL = batch["weights"]
-    nll_sum = (nll_BL * w_BL).sum()
-    objective = nll_sum + z_loss * (jnp.square(lse_BL) * w_BL).sum()
-    return objective, (nll_sum, w_BL.sum())
+    # With LoRA, the frozen base params (not checkpointed: rebuilt from train.init_from or the
+    # seed); {} otherwise, which leaves the state and the step exactly as without the field.
+    frozen: dict = dataclasses.field(default_factory=dict)
 
 
 # --- state ---------------------------------------------------------------------------------------
 
 
+def base_dtype(cfg: Config) -> str:
+    return cfg.lora.base_dtype or cfg.model.param_dtype
+
+
 def abstract_state(cfg: Config, tx: optax.GradientTransformation):
-    """(graphdef, abstract TrainState, logical PartitionSpecs of the params): nothing allocated."""
-    abstract_model = model.abstract(cfg.model)
-    graphdef, param_state = nnx.split(abstract_model, nnx.Param)
-    logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(param_state))
-    params = nnx.to_pure_dict(param_state)
+    """(graphdef, abstract TrainState, (logical PartitionSpecs of params, of frozen)): nothing
+    allocated. With `lora.rank`, the params are the factors and the model's params are frozen."""
+    graphdef, param_state = nnx.split(model.abstract(cfg.model), nnx.Param)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(param_state))
+    params, frozen, frozen_specs = nnx.to_pure_dict(param_state), {}, {}
+    if cfg.lora.rank:
+        dtype = jnp.dtype(base_dtype(cfg))
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
+        frozen_specs = specs
+        params = jax.eval_shape(lambda: _init_factors(cfg, frozen))
+        specs = lora.factor_specs(params)
     opt_state = jax.eval_shape(tx.init, params)
     step = jax.ShapeDtypeStruct((), jnp.int32)
-    return graphdef, TrainState(step, params, opt_state), logical_specs
+    return graphdef, TrainState(step, params, opt_state, frozen), (specs, frozen_specs)
+
+
+def _init_factors(cfg: Config, base):
+    return lora.init_factors(base, lora.parse_targets(cfg.lora.targets), cfg.lora.rank,
+                             cfg.train.seed)
+
+
+def model_params(cfg: Config, state: TrainState) -> dict:
+    """The params the model runs on: the state's, or the frozen base with its LoRA factors."""
+    if not cfg.lora.rank:
+        return state.params
+    return lora.combine(state.frozen, state.params, lora.scale(cfg.lora.rank, cfg.lora.alpha,
+                                                               cfg.lora.rslora))
 
 
 def state_shardings(mesh, tx, state: TrainState, logical_specs,
                     rules: sharding.Rules = sharding.DEFAULT_RULES) -> TrainState:
     """Params by their logical names; optimizer moments like their params; the rest replicated."""
-    param_shardings = sharding.tree_shardings(mesh, logical_specs, rules)
+    specs, frozen_specs = logical_specs
+    param_shardings = sharding.tree_shardings(mesh, specs, rules)
     replicated = sharding.replicated(mesh)
     opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, state.opt_state, param_shardings,
         transform_non_params=lambda _: replicated,
     )
-    return TrainState(replicated, param_shardings, opt_shardings)
+    return TrainState(replicated, param_shardings, opt_shardings,
+                      sharding.tree_shardings(mesh, frozen_specs, rules))
 
 
 def with_shardings(abstract, shardings):
@@ -106,15 +117,35 @@ def with_shardings(abstract, shardings):
                         abstract, shardings)
 
 
-def init_state(cfg: Config, tx, shardings: TrainState) -> TrainState:
-    """A fresh state, each array created directly in its shards (never whole on one device)."""
+def init_state(cfg: Config, tx, shardings: TrainState, params=None, frozen=None) -> TrainState:
+    """A fresh state, each array created directly in its shards (never whole on one device):
+    from the model params `params` (placed already, e.g. train.init_from's) or the seed's. With
+    LoRA, `frozen` is the placed base (`frozen_base`) and the trained params are new factors
+    (B = 0: the adapted model starts as its base)."""
 
-    def init():
-        graphdef, params = nnx.split(model.init(cfg.model, cfg.train.seed), nnx.Param)
-        params = nnx.to_pure_dict(params)
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    def init(params, frozen):
+        if cfg.lora.rank:
+            params = _init_factors(cfg, frozen)
+        elif params is None:
+            params = nnx.to_pure_dict(nnx.split(model.init(cfg.model, cfg.train.seed), nnx.Param)[1])
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen)
 
-    return jax.jit(init, out_shardings=shardings)()
+    return jax.jit(init, out_shardings=shardings, donate_argnums=1)(params, frozen or {})
+
+
+def frozen_base(cfg: Config, source, abstract: TrainState, shardings: TrainState) -> dict:
+    """With LoRA, the frozen base placed on the mesh in lora.base_dtype: train.init_from's
+    params, or the seed's; {} without LoRA."""
+    if not cfg.lora.rank:
+        return {}
+    if source is not None:
+        return finetune.initial_params(source, with_shardings(abstract.frozen, shardings.frozen))
+
+    def seed():
+        params = nnx.to_pure_dict(nnx.split(model.init(cfg.model, cfg.train.seed), nnx.Param)[1])
+        return jax.tree.map(lambda x: x.astype(base_dtype(cfg)), params)
+
+    return jax.jit(seed, out_shardings=shardings.frozen)()
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -123,13 +154,19 @@ def init_state(cfg: Config, tx, shardings: TrainState) -> TrainState:
 def make_train_step(cfg: Config, graphdef, tx):
     """(state, batch) -> (state, metrics): gradient accumulation over optim.grad_accum_steps
     microbatches inside the step, then one optimizer update."""
-    accum, z_loss = cfg.optim.grad_accum_steps, cfg.optim.z_loss
+    accum = cfg.optim.grad_accum_steps
     lr_at = optim.schedule(cfg.optim, cfg.train.steps)
-    grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss), has_aux=True)
+    objective = objectives.for_config(cfg)
+
+    def loss(params, frozen, batch):
+        run_on = model_params(cfg, TrainState(None, params, None, frozen))
+        return objective(graphdef, run_on, batch)
+
+    grad_fn = jax.grad(loss, has_aux=True)  # the trained params only: never the frozen base
 
     def step(state: TrainState, batch: dict):
         if accum == 1:
-            grads, (nll_sum, weight) = grad_fn(state.params, batch)
+            grads, (nll_sum, weight) = grad_fn(state.params, state.frozen, batch)
         else:
             # Microbatch m takes rows m, m + A, m + 2A, ...: every data shard feeds every microbatch.
             micro = jax.tree.map(
@@ -137,7 +174,7 @@ def make_train_step(cfg: Config, graphdef, tx):
             )
 
             def add(carry, mb):
-                grads, aux = grad_fn(state.params, mb)
+                grads, aux = grad_fn(state.params, state.frozen, mb)
                 return jax.tree.map(jnp.add, carry, (grads, aux)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()), jnp.zeros(())))
@@ -147,7 +184,7 @@ def make_train_step(cfg: Config, graphdef, tx):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {"loss": nll_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step)}
-        return TrainState(state.step + 1, params, opt_state), out
+        return TrainState(state.step + 1, params, opt_state, state.frozen), out
 
     return step
 
@@ -177,10 +214,13 @@ def _prepare_workdir(cfg: Config, workdir: str, resuming: bool) -> tokenizer.Tok
             f.write(cfg.to_json())
     local = os.path.join(workdir, "tokenizer.model")
     if resuming and os.path.isfile(local):
-        return tokenizer.for_config(cfg.replace(data={"tokenizer": local}))
-    tok = tokenizer.for_config(cfg)
-    if jax.process_index() == 0 and os.path.abspath(tok.path) != os.path.abspath(local):
-        shutil.copyfile(tok.path, local)
+        tok = tokenizer.for_config(cfg.replace(data={"tokenizer": local}))
+    else:
+        tok = tokenizer.for_config(cfg)
+        if jax.process_index() == 0 and os.path.abspath(tok.path) != os.path.abspath(local):
+            shutil.copyfile(tok.path, local)
+    if (line := data.prepare(cfg, tok)) and jax.process_index() == 0:
+        print(line, flush=True)
     return tok
 
 
@@ -218,63 +258,6 @@ def pipeline_summary(cfg: Config, mesh) -> dict:
             "pipeline_bubble": round(pipeline.bubble_fraction(stages, micro), 4)}
 
 
-class Profile:
-    """A jax.profiler trace of `count` steps after step `first` (0 = no trace), written to
-    `logdir` for TensorBoard's profile plugin or Perfetto (the .xplane.pb / .trace.json.gz files
-    under logdir/plugins/profile/<run>/)."""
-
-    def __init__(self, logdir: str, first: int, count: int):
-        self.logdir, self.first, self.last = logdir, first, first + count
-        self.active = False
-        self.enabled = count > 0 and jax.process_index() == 0
-
-    def before(self, step: int) -> None:
-        if self.enabled and step == self.first and not self.active:
-            jax.profiler.start_trace(self.logdir)
-            self.active = True
-
-    def after(self, step: int, outputs) -> None:
-        if self.active and step >= self.last:
-            jax.block_until_ready(outputs)  # the traced steps' device work lands in the trace
-            self.stop()
-
-    def stop(self) -> None:
-        if self.active:
-            jax.profiler.stop_trace()
-            self.active = False
-            print(f"profile of steps {self.first + 1}-{self.last} written to {self.logdir}", flush=True)
-
-
-class _Stop:
-    """SIGTERM (a pre-emption notice) stops the loop at a step where it saves and exits.
-
-    One process: a Python handler sets `requested`; the loop finishes its step, saves and exits.
-    Several processes: the signal may reach only some of them, and all must save the same step.
-    jax's pre-emption service (started by `jax.distributed.initialize`, with its own SIGTERM
-    handler) tells every process of the notice and agrees on the first step all of them can still
-    reach; `check(step)`, called after every step, turns true on that step in every process.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._coordinated = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
-        self._previous = None
-        if not self._coordinated:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def check(self, step: int) -> bool:
-        if self._coordinated and not self.requested:
-            self.requested = multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-    def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _task_runner(cfg: Config, tok: tokenizer.Tokenizer):
     """The lm-eval tasks of `train.eval_tasks` as a callable, or None (lm-eval is imported only
     then: it is the `eval` extra, and harness.py sits above this module, as it loads models)."""
@@ -286,6 +269,17 @@ def _task_runner(cfg: Config, tok: tokenizer.Tokenizer):
         return harness.TrainingTasks(cfg, tok.path)
     except harness.HarnessError as e:
         raise ConfigError(f"config key 'train.eval_tasks': {e}") from None
+
+
+def _pinned_source(cfg: Config, workdir: str) -> Config:
+    """A resumed run keeps the source it started from: its config.json names train.init_from
+    pinned to a path and step (finetune.resolve), even if the source has newer checkpoints now."""
+    saved = os.path.join(workdir, "config.json")
+    if not (cfg.train.init_from and os.path.isfile(saved) and checkpoint.steps(workdir)):
+        return cfg
+    with open(saved) as f:
+        pinned = json.load(f)["train"].get("init_from")
+    return cfg.replace(train={"init_from": pinned}) if pinned else cfg
 
 
 def train(cfg: Config, workdir: str) -> dict:
@@ -307,6 +301,7 @@ def _setup(cfg: Config, devices=None):
 
 def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
     """`train`, also returning the final train state."""
+    cfg, source = finetune.resolve(_pinned_source(cfg, workdir))  # model keys, tokenizer, params
     mesh, tx, graphdef, abstract, shardings = _setup(cfg)
     rules = sharding.rules_for(cfg.mesh)
     batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -324,6 +319,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
         print("pipeline: {pipeline_stages} stages, {pipeline_microbatches} microbatches, bubble "
               "fraction {pipeline_bubble}".format(**summary), flush=True)
     with jax.set_mesh(mesh), sharding.logical_rules(rules), _pipeline_context(cfg, mesh):
+        frozen = frozen_base(cfg, source, abstract, shardings)  # read again on every resume
         if start:
             try:
                 params, opt_state = ckpt.restore(
@@ -337,21 +333,34 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
                     f"of processes (this run has {jax.process_count()}); resume with the process "
                     "count that wrote it, or start a new workdir from jaxlm.load's parameters"
                 ) from None
-            state = TrainState(jax.device_put(jnp.int32(start), shardings.step), params, opt_state)
+            state = TrainState(jax.device_put(jnp.int32(start), shardings.step), params, opt_state,
+                               frozen)
             metrics.truncate_after(workdir, start)
             print(f"resumed from step {start}", flush=True)
+        elif source is not None and not cfg.lora.rank:
+            params = finetune.initial_params(source, with_shardings(abstract.params, shardings.params))
+            state = init_state(cfg, tx, shardings, params)
         else:
-            state = init_state(cfg, tx, shardings)
+            state = init_state(cfg, tx, shardings, frozen=frozen)
+        if source is not None and not start:
+            print(f"initialized from {source.path}" + (f" (step {source.step})" if source.step
+                                                        is not None else " (HF)"), flush=True)
+        if cfg.lora.rank and jax.process_index() == 0:
+            trained, total = lora.count(state.params), lora.count(state.frozen)
+            print(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: {trained:,} trainable "
+                  f"parameters, {total:,} frozen ({100 * trained / total:.2f}%)", flush=True)
         train_step = jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
         eval_step = jax.jit(make_eval_step(graphdef))
 
         writer = metrics.Writer(workdir, cfg.train.steps)
         flops_token = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-        stop = _Stop()
+        stop = runtime.Stop()
         pending = None  # (device metrics, step) of the last dispatched step, fetched one step late
         timer, timed_steps = None, 0  # throughput over the steps since the last log line
         last_eval: dict = {}
+        if source is not None and start == 0:  # the starting point, on this run's data
+            writer.write(0, evaluate(cfg, graphdef, model_params(cfg, state), tok, mesh, eval_step))
 
         def finish(step_metrics, step):
             nonlocal timer, timed_steps
@@ -373,7 +382,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
                 writer.write(step, host)
 
         # Trace steps start+2 .. start+1+profile_steps: after the compile, before any eval.
-        profile = Profile(os.path.join(workdir, "profile"), start + 1, cfg.train.profile_steps)
+        profile = runtime.Profile(os.path.join(workdir, "profile"), start + 1, cfg.train.profile_steps)
         try:
             step = start
             while step < cfg.train.steps and not stop.requested:
@@ -390,9 +399,10 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
                     finish(*pending)
                     pending = None
                     eval_start = time.perf_counter()
-                    last_eval = evaluate(cfg, graphdef, state.params, tok, mesh, eval_step)
+                    last_eval = evaluate(cfg, graphdef, model_params(cfg, state), tok, mesh,
+                                         eval_step)
                     if eval_tasks is not None:
-                        last_eval.update(eval_tasks(state.params, mesh))
+                        last_eval.update(eval_tasks(model_params(cfg, state), mesh))
                     writer.write(step, last_eval)
                     if timer is not None:  # throughput counts training time only
                         timer += time.perf_counter() - eval_start
@@ -404,7 +414,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
             if pending is not None:
                 finish(*pending)
             if not last_eval and step >= cfg.train.steps:  # e.g. a finished run started again
-                last_eval = evaluate(cfg, graphdef, state.params, tok, mesh, eval_step)
+                last_eval = evaluate(cfg, graphdef, model_params(cfg, state), tok, mesh, eval_step)
         finally:
             profile.stop()
             stop.restore()
@@ -420,7 +430,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
 def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     """Time the real train step on synthetic tokens (no data pipeline), after compiling and
     `warmup` steps. Every performance claim in docs/performance.md cites this."""
-    mesh, tx, graphdef, _, shardings = _setup(cfg)
+    mesh, tx, graphdef, abstract, shardings = _setup(cfg)
     rules = sharding.rules_for(cfg.mesh)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     B, L = cfg.train.global_batch_size, cfg.data.seq_len
@@ -434,7 +444,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     }
     with jax.set_mesh(mesh), sharding.logical_rules(rules), _pipeline_context(cfg, mesh):
         batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
-        state = init_state(cfg, tx, shardings)
+        state = init_state(cfg, tx, shardings, frozen=frozen_base(cfg, None, abstract, shardings))
         step_fn = jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
         compile_start = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()

@@ -1,11 +1,28 @@
-"""Test setup: 8 fake CPU devices (for sharding tests) before jax is first imported."""
+"""Test setup: 8 fake CPU devices (for sharding tests) before jax is first imported, and one
+XLA compilation cache for the whole test session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+
+# Many tests compile the same small programs, and the subprocess tests (jaxlm train, launches of
+# two processes) compile them again in every process: a persistent compilation cache, shared by
+# the xdist workers and the processes they start (they inherit the environment), halves their
+# time. It is made fresh for each session (the controller creates it before the workers start),
+# so a run measures what a clean CI machine does; cache keys include the program and the jax
+# version, so a hit is the same executable.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and not os.environ.get("PYTEST_XDIST_WORKER"):
+    _cache = tempfile.mkdtemp(prefix="jaxlm-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import filelock  # noqa: E402
 import jax  # noqa: E402

@@ -132,7 +132,7 @@ def test_packing_invariants(cfg, tok):
         np.concatenate([[tokenizer.BOS_ID], tok.encode(d["text"].decode()), [tokenizer.EOS_ID]])
         for d in docs
     ])
-    rows = list(data.packed(cfg, "validation", Shard(0, 1), False, tok))
+    rows = list(data.packed(cfg, "validation", Shard(0, 1), False, tok, 1))
     got = []
     for row in rows:
         tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
@@ -276,7 +276,7 @@ def test_bad_local_files_are_counted_not_lost(tmp_path):
             continue
         texts += [d["text"].decode() for d in data.documents(cfg, split, Shard(0, 1), False)]
         packed_tokens += sum(int((r["tokens_segment_ids"] != 0).sum())
-                             for r in data.packed(cfg, split, Shard(0, 1), False, tok))
+                             for r in data.packed(cfg, split, Shard(0, 1), False, tok, 1))
     assert long_line in texts
     assert sum("\ufffd" in t for t in texts) == 1, [t[:80] for t in texts if "\ufffd" in t]
     assert packed_tokens == sum(len(tok.encode(t)) + 2 for t in texts)

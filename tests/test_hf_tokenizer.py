@@ -175,6 +175,9 @@ def test_cli_export(saved, tmp_path, capsys):
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert hf_tok(MIXED, add_special_tokens=False)["input_ids"] == lm.tokenizer.encode(MIXED).tolist()
 
+    code = cli.main(["jaxlm", "export", f"--model={directory}", "--format=gguf", f"--out={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["jaxlm: error: --format: unknown format 'gguf'; valid: hf, peft"]
     code = cli.main(["jaxlm", "export", f"--model={directory}", "--format=peft", f"--out={out}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["jaxlm: error: --format: unknown format 'peft'; valid: hf"]
+    assert code == 2 and err == ["jaxlm: error: --format=peft exports a LoRA run: pass --workdir=DIR"]

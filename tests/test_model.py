@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from jaxlm import config, model, sharding, train
+from jaxlm import config, model, objectives, sharding
 
 B, L = 2, 12
 VOCABULARY = {"batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers"}
@@ -26,7 +26,7 @@ def split(cfg, seed=0):
 def logits_and_grads(cfg, params, graphdef, toks):
     def loss(p):
         logits = nnx.merge(graphdef, p)(toks[:, :-1])
-        return train.cross_entropy(logits, toks[:, 1:]), logits
+        return objectives.cross_entropy(logits, toks[:, 1:]), logits
 
     (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return value, logits, grads
@@ -149,7 +149,7 @@ def test_remat_policy_changes_the_backward(tiny_cfg):
         toks = tokens(cfg, shape=(B, L + 1))
 
         def loss(p):
-            return train.cross_entropy(nnx.merge(graphdef, p)(toks[:, :-1]), toks[:, 1:])
+            return objectives.cross_entropy(nnx.merge(graphdef, p)(toks[:, :-1]), toks[:, 1:])
 
         return str(jax.make_jaxpr(jax.grad(loss))(params)).count("dot_general")
 
@@ -213,12 +213,12 @@ def test_cross_entropy_matches_optax_and_masks():
     logits = jax.random.normal(jax.random.key(0), (2, 5, 11))
     targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
     ref = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    np.testing.assert_allclose(train.cross_entropy(logits, targets), ref.mean(), rtol=1e-6)
+    np.testing.assert_allclose(objectives.cross_entropy(logits, targets), ref.mean(), rtol=1e-6)
     mask = jnp.array([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], bool)
-    np.testing.assert_allclose(train.cross_entropy(logits, targets, mask), ref[mask].mean(),
+    np.testing.assert_allclose(objectives.cross_entropy(logits, targets, mask), ref[mask].mean(),
                                rtol=1e-6)
     # The gradient too (softmax minus the target's one-hot), masked tokens included.
-    got = jax.grad(train.cross_entropy)(logits, targets, mask)
+    got = jax.grad(objectives.cross_entropy)(logits, targets, mask)
     want = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, targets)[mask].mean())(
         logits)
     np.testing.assert_allclose(got, want, atol=1e-7)

@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 import jaxlm
-from jaxlm import attention, config, model, pipeline, sharding, train
+from jaxlm import attention, config, model, objectives, pipeline, sharding, train
 
 
 def pipeline_cfg(seq_len=16, **model_overrides):
@@ -35,7 +35,7 @@ def logits_and_grads(cfg, params, batch, mesh_shape=None, microbatches=0, rules=
     specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model.abstract(cfg.model), nnx.Param)))
 
     def loss(p, b):
-        return train.loss_sums(graphdef, p, b)[0]
+        return objectives.lm_sums(graphdef, p, b)[0]
 
     def logits(p, b):
         return nnx.merge(graphdef, p)(b["inputs"], b["segment_ids"], b["positions"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxlm
-from jaxlm import checkpoint, config, sharding, train
+from jaxlm import checkpoint, config, objectives, sharding, train
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden_partition_specs.json")
 
@@ -63,7 +63,7 @@ def run_layout(cfg, devices, init_params):
                                  jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
         step = jax.jit(train.make_train_step(cfg, graphdef, tx),
                        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
-        grad = jax.jit(jax.grad(lambda p, b: train.loss_sums(graphdef, p, b)[0]),
+        grad = jax.jit(jax.grad(lambda p, b: objectives.lm_sums(graphdef, p, b)[0]),
                        in_shardings=(shardings.params, batch_sharding),
                        out_shardings=shardings.params)
         losses, first_grads = [], None

@@ -1,0 +1,127 @@
+"""Starting a run from a trained model: `train.init_from`.
+
+The source is a jaxlm workdir (its latest checkpoint, or `DIR:STEP`) or a HF Llama directory
+(config.json + safetensors + a sentencepiece tokenizer.model). From it come:
+
+- the model keys: the architecture is the source's. A config that sets an architecture key to a
+  value other than both the base default and the source's is refused in one line naming the key;
+  the runtime keys (`RUNTIME_KEYS`: compute and storage dtype, scan, remat, attention kernel) are
+  the fine-tuning run's own choice;
+- the tokenizer (copied into the new workdir, as every run's is);
+- the parameters, restored (params only) straight into the new run's shardings, at step 0.
+
+The optimizer state starts fresh. Once the new workdir has a checkpoint, `train.run` resumes from
+it as usual and the source is not read again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from jaxlm import checkpoint, convert
+from jaxlm.config import Config, ConfigError
+from jaxlm.configs import base
+
+# Model keys a run may set differently from its source: how the same weights are computed and
+# stored, not what they are.
+RUNTIME_KEYS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
+KEY = "train.init_from"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    path: str
+    kind: str  # "workdir" | "hf"
+    step: int | None  # workdir only: the checkpoint restored
+    model: dict  # the source's model keys
+    tokenizer: str  # its sentencepiece model
+
+
+def parse(spec: str) -> tuple[str, int | None]:
+    """"DIR" or "DIR:STEP" -> (DIR, STEP or None)."""
+    path, sep, step = spec.rpartition(":")
+    if sep and step.isdigit() and path:
+        return os.path.expanduser(path), int(step)
+    return os.path.expanduser(spec), None
+
+
+def source(spec: str) -> Source:
+    """What `train.init_from` names, checked: one ConfigError line when it is unusable."""
+    path, step = parse(spec)
+    if os.path.isdir(checkpoint.checkpoint_dir(path)):
+        steps = checkpoint.steps(path)
+        if not steps:
+            raise ConfigError(f"config key '{KEY}': workdir '{path}' has no finished checkpoint")
+        if step is not None and step not in steps:
+            raise ConfigError(f"config key '{KEY}': workdir '{path}' has no checkpoint {step}; "
+                              f"it has {', '.join(map(str, steps))}")
+        step = max(steps) if step is None else step
+        model = checkpoint.saved_config(path, step)["model"]
+        kind = "workdir"
+    elif step is None and os.path.isfile(os.path.join(path, convert.CONFIG_FILE)):
+        try:
+            model = convert.config_from_hf(convert.read_hf_config(path)).to_dict()["model"]
+        except convert.ConversionError as e:
+            raise ConfigError(f"config key '{KEY}': {e}") from None
+        kind = "hf"
+    else:
+        raise ConfigError(f"config key '{KEY}': '{spec}' is neither a jaxlm workdir (no "
+                          "checkpoints/) nor a HF Llama directory (no config.json)")
+    tok = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(tok):
+        raise ConfigError(f"config key '{KEY}': '{path}' has no tokenizer.model (jaxlm reads "
+                          "text with the source's sentencepiece model)")
+    return Source(path, kind, step, model, tok)
+
+
+def resolve(cfg: Config) -> tuple[Config, Source | None]:
+    """`cfg` with the source's model keys and tokenizer, and the source; (cfg, None) without
+    `train.init_from`."""
+    if not cfg.train.init_from:
+        return cfg, None
+    src = source(cfg.train.init_from)
+    defaults = base.get_config().model
+    ours = cfg.to_dict()["model"]
+    for key, value in ours.items():
+        if key in RUNTIME_KEYS or value == src.model[key] or value == defaults[key]:
+            continue
+        raise ConfigError(f"config key 'model.{key}' is {value!r}, but the model of {KEY} "
+                          f"'{src.path}' has {src.model[key]!r}; model keys come from the source "
+                          "(only " + ", ".join(f"model.{k}" for k in RUNTIME_KEYS) + " may differ)")
+    if cfg.data.tokenizer and os.path.abspath(os.path.expanduser(cfg.data.tokenizer)) != \
+            os.path.abspath(src.tokenizer):  # (a resolved config names the source's)
+        raise ConfigError(f"config key 'data.tokenizer' ({cfg.data.tokenizer!r}) conflicts with "
+                          f"{KEY}: the tokenizer comes from the source ('{src.tokenizer}')")
+    model = {k: v for k, v in src.model.items() if k not in RUNTIME_KEYS}
+    # Pinned: an absolute path and, for a workdir, the step, so a resume or a `jaxlm.load` of
+    # a LoRA run (which reads its base again) finds the same parameters from any directory.
+    pinned = os.path.abspath(src.path) + (f":{src.step}" if src.step is not None else "")
+    return cfg.replace(model=model, data={"tokenizer": os.path.abspath(src.tokenizer)},
+                       train={"init_from": pinned}), src
+
+
+def initial_params(src: Source, target):
+    """The source's parameters placed as `target` (ShapeDtypeStructs with shardings) says,
+    cast to its dtypes."""
+    if src.kind == "workdir":
+        # Restore in the dtype it was saved in, then cast on device (e.g. a bfloat16 frozen base).
+        dtype = jax.numpy.dtype(src.model["param_dtype"])
+        saved = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, dtype, sharding=t.sharding),
+                             target)
+        _, params = checkpoint.restore_params(src.path, saved, src.step)
+        return jax.tree.map(lambda p, t: p if p.dtype == t.dtype else p.astype(t.dtype), params, target)
+    cfg = convert.config_from_hf(convert.read_hf_config(src.path))
+    arrays = convert.params_from_hf(convert.read_hf_tensors(src.path), cfg.model,
+                                    source=f"'{src.path}'")
+
+    def place(a: np.ndarray, t):
+        a = np.asarray(a).astype(t.dtype)
+        # Every process holds the whole array and hands each device its slice.
+        return jax.make_array_from_callback(t.shape, t.sharding, lambda index: a[index])
+
+    return jax.tree.map(place, arrays, target)
+
