@@ -116,6 +116,9 @@ def _bench(argv: list[str]) -> dict:
         quantize_flag(fv)
 
     cfg, fv = parse(argv, config=True, define=define)
+    from jaxlm import finetune
+
+    cfg, _ = finetune.resolve(cfg)  # train.init_from: the source's model
     if fv.mode == "generate":
         from jaxlm import api
 
@@ -175,6 +178,9 @@ def _aot(argv: list[str]) -> dict:
         name, memory = aot.memory_arg(fv.device, fv.memory_gib, devices)
     except aot.AotError as e:
         raise UsageError(str(e)) from None
+    from jaxlm import finetune
+
+    cfg, _ = finetune.resolve(cfg)  # train.init_from: the source's model (after the devices exist)
     if fv.mode == "generate":
         report = aot.check_generate(cfg, devices, memory, fv.headroom, f"{target} as {name}",
                                     fv.batch, fv.seq_len or cfg.data.seq_len, fv.new_tokens,
@@ -207,8 +213,9 @@ def _plot(argv: list[str]) -> dict:
 
 def _params(argv: list[str]) -> dict:
     cfg, _ = parse(argv, config=True)
-    from jaxlm import model
+    from jaxlm import finetune, model
 
+    cfg, _ = finetune.resolve(cfg)
     return {"num_params": model.num_params(cfg.model), "formula": model.num_params_formula(cfg.model)}
 
 
