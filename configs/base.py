@@ -76,6 +76,7 @@ def get_config() -> config_dict.ConfigDict:
     t.eval_batches = 0  # validation batches per pass; 0 = the whole validation split
     t.eval_tasks = ""  # lm-eval tasks run at each evaluation, comma-separated (e.g. "stdlib_mc"); "" = none
     t.eval_task_limit = 0  # examples per task in those runs; 0 = all
+    t.early_stop_patience = 0  # stop after this many evaluations without a better best_metric; 0 = off
     t.profile_steps = 0  # steps traced by jax.profiler into WORKDIR/profile, after the compiling one; 0 = off
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = the device table, or a measured matmul on CPU
 
@@ -89,6 +90,8 @@ def get_config() -> config_dict.ConfigDict:
     c.checkpoint = k = config_dict.ConfigDict()
     k.every = 200  # steps between checkpoints (one is always written at the end)
     k.keep = 3  # most recent checkpoints kept on disk
+    k.best_metric = ""  # also keep the best evaluation's checkpoint in WORKDIR/best, by this metric; "" = off
+    k.best_mode = "min"  # min (losses, perplexity, bits per byte) | max (accuracy)
 
     c.mesh = s = config_dict.ConfigDict()
     s.data = -1  # data-parallel replicas; -1 = fill with the devices left over

@@ -43,6 +43,7 @@ CHOICES = {
     "optim.schedule": SCHEDULES,
     "data.too_long": ("truncate_prompt", "drop"),
     "data.bad_rows": ("error", "skip"),
+    "checkpoint.best_mode": ("min", "max"),
 }
 
 # Keys that must be > 0 (when not None) and keys that must be >= 0.
@@ -57,7 +58,8 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     "optim": ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "z_loss"),
-    "train": ("seed", "eval_batches", "peak_tflops", "profile_steps", "eval_task_limit"),
+    "train": ("seed", "eval_batches", "peak_tflops", "profile_steps", "eval_task_limit",
+              "early_stop_patience"),
     "data": ("streams",),
     "mesh": ("pipeline_microbatches",),
     "lora": ("rank",),
@@ -243,6 +245,10 @@ def _check_values(cfg: Config) -> None:
     if d.dataset in ("sft", "stdlib_sft") and not (d.tokenizer or cfg.train.init_from):
         raise ConfigError(f"data.dataset '{d.dataset}' needs a tokenizer: set 'train.init_from' "
                           "(the source's tokenizer is used) or 'data.tokenizer'")
+
+    if cfg.train.early_stop_patience and not cfg.checkpoint.best_metric:
+        raise ConfigError("config key 'train.early_stop_patience' needs 'checkpoint.best_metric' "
+                          "(the metric that must improve), e.g. eval_loss")
 
     r = cfg.lora
     if r.base_dtype and r.base_dtype not in DTYPES:

@@ -137,6 +137,15 @@ class Writer:
         self.jsonl.close()
 
 
+def records(workdir: str) -> list[dict]:
+    """metrics.jsonl's records, in order ([] without the file)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def truncate_after(workdir: str, step: int) -> None:
     """Drop metrics.jsonl lines past `step` (written by a run killed after its last checkpoint),
     so a resumed run's log reads as if it had never stopped."""

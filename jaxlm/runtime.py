@@ -67,3 +67,42 @@ class Stop:
     def restore(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+class Best:
+    """`checkpoint.best_metric` and `train.early_stop_patience`: after each evaluation, whether
+    it is the best so far (then the loop saves its checkpoint into WORKDIR/best, a workdir of its
+    own that `jaxlm.load` reads) and whether `patience` evaluations in a row have not improved
+    on the best (then the loop stops, saving as at a normal end).
+
+    The record is rebuilt from metrics.jsonl when a run resumes, so a resumed run keeps, and
+    stops, exactly as the uninterrupted one would."""
+
+    def __init__(self, metric: str, mode: str, patience: int, records=()):
+        self.metric, self.mode, self.patience = metric, mode, patience
+        self.enabled = bool(metric)
+        self.best, self.best_step, self.since = None, None, 0
+        for record in records:
+            if metric in record and record["step"] > 0:  # step 0: a source model, never saved
+                self._update(record["step"], record[metric])
+
+    def _update(self, step: int, value: float) -> bool:
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_step, self.since = value, step, 0
+        else:
+            self.since += 1
+        return better
+
+    def update(self, step: int, evaluation: dict) -> bool:
+        """Record an evaluation; True when it is the best so far."""
+        if not self.enabled:
+            return False
+        if self.metric not in evaluation:
+            raise KeyError(f"config key 'checkpoint.best_metric' ({self.metric!r}) is not a metric "
+                           f"of the evaluation; it has {', '.join(sorted(evaluation))}")
+        return self._update(step, float(evaluation[self.metric]))
+
+    @property
+    def stop(self) -> bool:
+        return self.enabled and self.patience > 0 and self.since >= self.patience

@@ -282,6 +282,16 @@ def _pinned_source(cfg: Config, workdir: str) -> Config:
     return cfg.replace(train={"init_from": pinned}) if pinned else cfg
 
 
+def _best_checkpointer(workdir: str, tok) -> checkpoint.Checkpointer:
+    """WORKDIR/best: one checkpoint (the best evaluation's) with the tokenizer beside it, so the
+    folder is a workdir `jaxlm.load` reads."""
+    best = os.path.join(workdir, "best")
+    if jax.process_index() == 0:
+        os.makedirs(best, exist_ok=True)
+        shutil.copyfile(tok.path, os.path.join(best, "tokenizer.model"))
+    return checkpoint.Checkpointer(best, keep=1)
+
+
 def train(cfg: Config, workdir: str) -> dict:
     """Train `cfg` in `workdir`, resuming from its latest checkpoint. Returns the final metrics."""
     return run(cfg, workdir)[1]
@@ -356,6 +366,9 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
         flops_token = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         stop = runtime.Stop()
+        best = runtime.Best(cfg.checkpoint.best_metric, cfg.checkpoint.best_mode,
+                            cfg.train.early_stop_patience, metrics.records(workdir) if start else ())
+        best_ckpt = _best_checkpointer(workdir, tok) if best.enabled else None
         pending = None  # (device metrics, step) of the last dispatched step, fetched one step late
         timer, timed_steps = None, 0  # throughput over the steps since the last log line
         last_eval: dict = {}
@@ -385,7 +398,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
         profile = runtime.Profile(os.path.join(workdir, "profile"), start + 1, cfg.train.profile_steps)
         try:
             step = start
-            while step < cfg.train.steps and not stop.requested:
+            while step < cfg.train.steps and not stop.requested and not best.stop:
                 batch = data.to_global(next(train_iter), batch_sharding)
                 profile.before(step)
                 state, step_metrics = train_step(state, batch)
@@ -404,9 +417,15 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
                     if eval_tasks is not None:
                         last_eval.update(eval_tasks(model_params(cfg, state), mesh))
                     writer.write(step, last_eval)
+                    try:
+                        if best.update(step, last_eval):
+                            best_ckpt.save(step, state.params, state.opt_state, train_iter, cfg)
+                    except KeyError as e:
+                        raise TrainingError(e.args[0]) from None
                     if timer is not None:  # throughput counts training time only
                         timer += time.perf_counter() - eval_start
-                if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop.requested:
+                if (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop.requested
+                        or best.stop):
                     if pending is not None:  # never save a state whose loss was not checked
                         finish(*pending)
                         pending = None
@@ -418,10 +437,13 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
         finally:
             profile.stop()
             stop.restore()
-            ckpt.wait()
-            ckpt.close()
+            for manager in (ckpt, best_ckpt) if best_ckpt else (ckpt,):
+                manager.wait()
+                manager.close()
             writer.close()
-    return state, {"step": step, "stopped_by_sigterm": stop.requested, **last_eval}
+    extra = {f"best_{best.metric}": best.best, "best_step": best.best_step,
+             "early_stopped": best.stop} if best.enabled else {}
+    return state, {"step": step, "stopped_by_sigterm": stop.requested, **last_eval, **extra}
 
 
 # --- benchmark -----------------------------------------------------------------------------------

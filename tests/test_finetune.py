@@ -245,3 +245,39 @@ def test_sft_iterator_resumes_exactly(source, tmp_path, tok):
     for a, b in zip(want, [next(again) for _ in range(4)], strict=True):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+# --- best checkpoint, early stopping ---------------------------------------------------------------
+
+
+def test_best_checkpoint_and_early_stopping_act_on_the_metric(tmp_path, stdlib_data_dir):
+    # best_mode=max on the validation loss, which falls as the model trains: the first
+    # evaluation stays the best, so the run stops after `patience` evaluations without a better
+    # one, and WORKDIR/best holds the step-2 checkpoint.
+    cfg = config.from_dict({
+        **SOURCE, "data": {**SOURCE["data"], "data_dir": stdlib_data_dir},
+        "train": {**SOURCE["train"], "steps": 40, "eval_every": 2},
+        "checkpoint": {"every": 2, "keep": 50, "best_metric": "eval_loss", "best_mode": "max"},
+    })
+    workdir = str(tmp_path / "run")
+    result = train.train(cfg.replace(train={"early_stop_patience": 3}), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        evals = [(r["step"], r["eval_loss"]) for r in map(json.loads, f) if "eval_loss" in r]
+    assert [s for s, _ in evals] == [2, 4, 6, 8]
+    assert max(evals, key=lambda e: e[1])[0] == 2 and result["best_step"] == 2
+    assert result["early_stopped"] and result["step"] == 8
+    best = jaxlm.load(os.path.join(workdir, "best"))
+    at_two = jaxlm.load(workdir, step=2)
+    assert best.step == 2
+    for a, b in zip(jax.tree.leaves(jax.device_get(nnx.to_pure_dict(best.params))),
+                    jax.tree.leaves(jax.device_get(nnx.to_pure_dict(at_two.params))), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Resuming the stopped run stops again at once: the record is rebuilt from metrics.jsonl.
+    again = train.train(cfg.replace(train={"early_stop_patience": 3}), workdir)
+    assert again["step"] == 8 and again["early_stopped"] and again["best_step"] == 2
+
+    with pytest.raises(train.TrainingError, match="best_metric' \\('stdlib_mc/acc'\\) is not a metric"):
+        train.train(cfg.replace(checkpoint={"best_metric": "stdlib_mc/acc"}, train={"steps": 2}),
+                    str(tmp_path / "other"))
+    with pytest.raises(ConfigError, match="early_stop_patience' needs 'checkpoint.best_metric'"):
+        config.from_dict({"train": {"early_stop_patience": 2}})
