@@ -28,7 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlm import metrics, model, sharding, train
+from jaxlm import metrics, model, pipeline, sharding, train
 from jaxlm.config import Config, ConfigError
 
 GIB = 2**30
@@ -134,7 +134,7 @@ def compile_train_step(cfg: Config, devices):
     batch_sharding = sharding.batch_sharding(mesh, rules)
     state = train.with_shardings(abstract, shardings)
     start = time.perf_counter()
-    with jax.set_mesh(mesh), sharding.logical_rules(rules), train._pipeline_context(cfg, mesh):
+    with jax.set_mesh(mesh), sharding.logical_rules(rules), pipeline.context(cfg.mesh, mesh):
         step = train.jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
         compiled = step.lower(state, abstract_batch(cfg, batch_sharding)).compile()
     return compiled, mesh, time.perf_counter() - start

@@ -54,6 +54,22 @@ def resolve_microbatches(configured: int, stages: int) -> int:
     return configured or 2 * stages
 
 
+def context(mesh_cfg, mesh):
+    """`microbatches(...)` for models run under `mesh`, from the config's `mesh` group (a no-op
+    without stages)."""
+    return microbatches(resolve_microbatches(mesh_cfg.pipeline_microbatches, mesh.shape["stage"]))
+
+
+def summary(mesh_cfg, mesh) -> dict:
+    """{stages, microbatches, bubble fraction} of the GPipe schedule; {} without pipelining."""
+    stages = mesh.shape["stage"]
+    if stages == 1:
+        return {}
+    micro = resolve_microbatches(mesh_cfg.pipeline_microbatches, stages)
+    return {"pipeline_stages": stages, "pipeline_microbatches": micro,
+            "pipeline_bubble": round(bubble_fraction(stages, micro), 4)}
+
+
 def num_stages() -> int:
     """Stages of the current mesh (1 when there is no mesh or no `stage` axis)."""
     mesh = jax.sharding.get_abstract_mesh()

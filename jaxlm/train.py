@@ -90,12 +90,15 @@ def _init_factors(cfg: Config, base):
                              cfg.train.seed)
 
 
-def model_params(cfg: Config, state: TrainState) -> dict:
-    """The params the model runs on: the state's, or the frozen base with its LoRA factors."""
+def model_params(cfg: Config, params: dict, frozen: dict) -> dict:
+    """The params the model runs on: the trained ones, or the frozen base with its LoRA factors."""
     if not cfg.lora.rank:
-        return state.params
-    return lora.combine(state.frozen, state.params, lora.scale(cfg.lora.rank, cfg.lora.alpha,
-                                                               cfg.lora.rslora))
+        return params
+    return lora.combine(frozen, params, lora.scale(cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora))
+
+
+def _seed_params(cfg: Config) -> dict:
+    return nnx.to_pure_dict(nnx.split(model.init(cfg.model, cfg.train.seed), nnx.Param)[1])
 
 
 def state_shardings(mesh, tx, state: TrainState, logical_specs,
@@ -127,7 +130,7 @@ def init_state(cfg: Config, tx, shardings: TrainState, params=None, frozen=None)
         if cfg.lora.rank:
             params = _init_factors(cfg, frozen)
         elif params is None:
-            params = nnx.to_pure_dict(nnx.split(model.init(cfg.model, cfg.train.seed), nnx.Param)[1])
+            params = _seed_params(cfg)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen)
 
     return jax.jit(init, out_shardings=shardings, donate_argnums=1)(params, frozen or {})
@@ -142,8 +145,7 @@ def frozen_base(cfg: Config, source, abstract: TrainState, shardings: TrainState
         return finetune.initial_params(source, with_shardings(abstract.frozen, shardings.frozen))
 
     def seed():
-        params = nnx.to_pure_dict(nnx.split(model.init(cfg.model, cfg.train.seed), nnx.Param)[1])
-        return jax.tree.map(lambda x: x.astype(base_dtype(cfg)), params)
+        return jax.tree.map(lambda x: x.astype(base_dtype(cfg)), _seed_params(cfg))
 
     return jax.jit(seed, out_shardings=shardings.frozen)()
 
@@ -159,8 +161,7 @@ def make_train_step(cfg: Config, graphdef, tx):
     objective = objectives.for_config(cfg)
 
     def loss(params, frozen, batch):
-        run_on = model_params(cfg, TrainState(None, params, None, frozen))
-        return objective(graphdef, run_on, batch)
+        return objective(graphdef, model_params(cfg, params, frozen), batch)
 
     grad_fn = jax.grad(loss, has_aux=True)  # the trained params only: never the frozen base
 
@@ -242,22 +243,6 @@ def _check_batch_fits(cfg: Config, mesh) -> None:
                 f"({shards} x {micro}); change it or 'mesh.pipeline_microbatches'")
 
 
-def _pipeline_context(cfg: Config, mesh):
-    """The pipeline microbatch count for models run under `mesh` (a no-op without stages)."""
-    stages = mesh.shape["stage"]
-    return pipeline.microbatches(pipeline.resolve_microbatches(cfg.mesh.pipeline_microbatches, stages))
-
-
-def pipeline_summary(cfg: Config, mesh) -> dict:
-    """{stages, microbatches, bubble fraction} of the GPipe schedule; {} without pipelining."""
-    stages = mesh.shape["stage"]
-    if stages == 1:
-        return {}
-    micro = pipeline.resolve_microbatches(cfg.mesh.pipeline_microbatches, stages)
-    return {"pipeline_stages": stages, "pipeline_microbatches": micro,
-            "pipeline_bubble": round(pipeline.bubble_fraction(stages, micro), 4)}
-
-
 def _task_runner(cfg: Config, tok: tokenizer.Tokenizer):
     """The lm-eval tasks of `train.eval_tasks` as a callable, or None (lm-eval is imported only
     then: it is the `eval` extra, and harness.py sits above this module, as it loads models)."""
@@ -325,10 +310,10 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
     train_iter = iter(data.train_dataset(cfg, tok=tok))
     eval_tasks = _task_runner(cfg, tok)  # builds abstract shapes: outside the mesh context
     peak = metrics.peak_tflops_per_device(cfg.train.peak_tflops)  # may time a matmul: outside the mesh
-    if jax.process_index() == 0 and (summary := pipeline_summary(cfg, mesh)):
+    if jax.process_index() == 0 and (summary := pipeline.summary(cfg.mesh, mesh)):
         print("pipeline: {pipeline_stages} stages, {pipeline_microbatches} microbatches, bubble "
               "fraction {pipeline_bubble}".format(**summary), flush=True)
-    with jax.set_mesh(mesh), sharding.logical_rules(rules), _pipeline_context(cfg, mesh):
+    with jax.set_mesh(mesh), sharding.logical_rules(rules), pipeline.context(cfg.mesh, mesh):
         frozen = frozen_base(cfg, source, abstract, shardings)  # read again on every resume
         if start:
             try:
@@ -372,8 +357,12 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
         pending = None  # (device metrics, step) of the last dispatched step, fetched one step late
         timer, timed_steps = None, 0  # throughput over the steps since the last log line
         last_eval: dict = {}
+
+        def runs_on():  # the params the model runs on now (LoRA: the base with the factors)
+            return model_params(cfg, state.params, state.frozen)
+
         if source is not None and start == 0:  # the starting point, on this run's data
-            writer.write(0, evaluate(cfg, graphdef, model_params(cfg, state), tok, mesh, eval_step))
+            writer.write(0, evaluate(cfg, graphdef, runs_on(), tok, mesh, eval_step))
 
         def finish(step_metrics, step):
             nonlocal timer, timed_steps
@@ -412,10 +401,9 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
                     finish(*pending)
                     pending = None
                     eval_start = time.perf_counter()
-                    last_eval = evaluate(cfg, graphdef, model_params(cfg, state), tok, mesh,
-                                         eval_step)
+                    last_eval = evaluate(cfg, graphdef, runs_on(), tok, mesh, eval_step)
                     if eval_tasks is not None:
-                        last_eval.update(eval_tasks(model_params(cfg, state), mesh))
+                        last_eval.update(eval_tasks(runs_on(), mesh))
                     writer.write(step, last_eval)
                     try:
                         if best.update(step, last_eval):
@@ -433,7 +421,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
             if pending is not None:
                 finish(*pending)
             if not last_eval and step >= cfg.train.steps:  # e.g. a finished run started again
-                last_eval = evaluate(cfg, graphdef, model_params(cfg, state), tok, mesh, eval_step)
+                last_eval = evaluate(cfg, graphdef, runs_on(), tok, mesh, eval_step)
         finally:
             profile.stop()
             stop.restore()
@@ -464,7 +452,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
         "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
         "weights": np.ones((B, L), np.float32),
     }
-    with jax.set_mesh(mesh), sharding.logical_rules(rules), _pipeline_context(cfg, mesh):
+    with jax.set_mesh(mesh), sharding.logical_rules(rules), pipeline.context(cfg.mesh, mesh):
         batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
         state = init_state(cfg, tx, shardings, frozen=frozen_base(cfg, None, abstract, shardings))
         step_fn = jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
@@ -491,5 +479,5 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
         "num_devices": jax.device_count(),
         "compile_seconds": round(compile_seconds, 2),
         "device": jax.devices()[0].device_kind,
-        **pipeline_summary(cfg, mesh),
+        **pipeline.summary(cfg.mesh, mesh),
     }

@@ -51,7 +51,7 @@ def test_adapted_model_starts_bitwise_as_its_base_and_trains_only_factors():
     frozen = train.frozen_base(cfg, None, abstract, shardings)
     state = train.init_state(cfg, tx, shardings, frozen=frozen)
     tokens = np.random.RandomState(0).randint(4, 512, (2, 20))
-    adapted = nnx.merge(graphdef, train.model_params(cfg, state))(tokens)
+    adapted = nnx.merge(graphdef, train.model_params(cfg, state.params, state.frozen))(tokens)
     plain = nnx.merge(graphdef, state.frozen)(tokens)
     np.testing.assert_array_equal(np.asarray(adapted), np.asarray(plain))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxlm
-from jaxlm import checkpoint, config, objectives, sharding, train
+from jaxlm import checkpoint, config, objectives, pipeline, sharding, train
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden_partition_specs.json")
 
@@ -57,7 +57,7 @@ def run_layout(cfg, devices, init_params):
     mesh, tx, graphdef, _, shardings = train._setup(cfg, devices)
     rules = sharding.rules_for(cfg.mesh)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    with jax.set_mesh(mesh), sharding.logical_rules(rules), train._pipeline_context(cfg, mesh):
+    with jax.set_mesh(mesh), sharding.logical_rules(rules), pipeline.context(cfg.mesh, mesh):
         params = jax.device_put(init_params, shardings.params)
         state = train.TrainState(jax.device_put(np.int32(0), shardings.step), params,
                                  jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
