@@ -203,10 +203,15 @@ def _write_split(directory: str, split: str, examples: list) -> None:
         np.save(os.path.join(directory, f"{split}.{name}.npy"), array, allow_pickle=False)
 
 
+_PREPARED: dict = {}  # (data config, tokenizer path) -> prepared dir, for this process
+
+
 def prepare(cfg: DataConfig, tok: tokenizer.Tokenizer) -> dict:
     """Tokenize and split the SFT files of `cfg` (once; later calls read the summary)."""
     cfg = finetune_data.effective(cfg)
-    out = prepared_dir(cfg, tok)
+    # Every evaluation builds its dataset again: hash the files once per process, not each time.
+    out = _PREPARED.get((cfg, tok.path)) or _PREPARED.setdefault((cfg, tok.path),
+                                                                 prepared_dir(cfg, tok))
     summary_path = os.path.join(out, SUMMARY_FILE)
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
@@ -292,7 +297,7 @@ def packed(cfg, split: str, shard, train: bool, tok, rows: int, with_bytes: bool
     with `tokens_segment_ids` (0 = padding), `tokens_positions` and the aligned `loss` mask;
     with `with_bytes` also `token_bytes` (the UTF-8 bytes of each loss token, 0 elsewhere)."""
     prepare(cfg.data, tok)
-    source = Examples(prepared_dir(cfg.data, tok), split)
+    source = Examples(_PREPARED[(finetune_data.effective(cfg.data), tok.path)], split)
     ds = grain.MapDataset.source(source)[shard.index :: shard.count]
     if len(ds) == 0:
         raise SFTError(f"SFT split '{split}' has no examples for input stream {shard.index} of "
