@@ -69,7 +69,7 @@ def scale(rank: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def _in_out(name: str, shape) -> tuple[int, int]:
+def in_out(name: str, shape) -> tuple[int, int]:
     """(in, out) sizes of a stacked weight [N, out..., in...]."""
     c = quantize.CONTRACTED[name]
     return math.prod(shape[len(shape) - c:]), math.prod(shape[1:len(shape) - c])
@@ -83,7 +83,7 @@ def init_factors(base: dict, targets, rank: int, seed: int) -> dict:
     for i, t in enumerate(targets):
         part, name = TARGETS[t]
         w = base["blocks"][part][name]
-        n_in, n_out = _in_out(name, w.shape)
+        n_in, n_out = in_out(name, w.shape)
         bound = 1.0 / math.sqrt(n_in)
         a = jax.random.uniform(jax.random.fold_in(key, i), (w.shape[0], rank, n_in), jnp.float32,
                                -bound, bound)

@@ -91,7 +91,7 @@ def read(directory: str, base: dict) -> tuple[dict, tuple[str, ...], float]:
     for t in targets:
         part, name = lora.TARGETS[t]
         w = base["blocks"][part][name]
-        n_in, n_out = lora._in_out(name, w.shape)
+        n_in, n_out = lora.in_out(name, w.shape)
         stacked = {}
         for factor, shape in (("A", (rank, n_in)), ("B", (n_out, rank))):
             layers = []
