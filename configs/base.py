@@ -32,19 +32,22 @@ def get_config() -> config_dict.ConfigDict:
     m.scan_layers = True  # run the stacked layers with lax.scan (fast compile) instead of a Python loop
     m.remat = "none"  # recompute in backward: none | full | save_dots | save_attn (see model.py)
     m.attention = "xla"  # xla (blockwise jnp, anywhere) | cudnn (NVIDIA GPU, bf16) | splash (TPU) | auto
+    m.num_labels = 0  # > 0: a classifier, a score head [num_labels, d_model] instead of the LM output layer
+    #                  (set from classify.labels by classification runs; see jaxlm/classify.py)
 
     c.data = d = config_dict.ConfigDict()
     # stdlib (embedded corpus) | local (data.files) | sft (data.files) | stdlib_sft (demo SFT rows)
-    # | a prepared TFDS name, e.g. c4/en
+    # | classify (data.files) | stdlib_classify (demo classification rows) | a prepared TFDS name, e.g. c4/en
     d.dataset = "stdlib"  # which text (see above)
     d.data_dir = "~/.cache/jaxlm/data"  # where TFDS datasets and tokenizers are prepared and read
     d.tokenizer = ""  # sentencepiece model path; "" = train one for the dataset on first use
     d.seq_len = 1024  # tokens per packed training row; <= model.max_seq_len
-    d.files = ""  # local: glob of .txt (a document per file) or .jsonl (one per line); sft: .jsonl rows
-    d.eval_files = ""  # sft: glob of validation .jsonl files; "" = hold out 3% of data.files' rows
+    d.files = ""  # local: glob of .txt (a document per file) or .jsonl (one per line); sft, classify: rows
+    d.eval_files = ""  # sft, classify: glob of validation .jsonl files; "" = hold out 3% of data.files' rows
     d.chat_template = "<|{role}|>\n{content}\n"  # sft: how each chat message is written (see jaxlm/sft.py)
-    d.too_long = "truncate_prompt"  # sft: a row over seq_len + 1 tokens: truncate_prompt | drop
-    d.bad_rows = "error"  # sft: a malformed .jsonl row: error (one line naming file:line) | skip (counted)
+    d.too_long = "truncate_prompt"  # sft: a row over seq_len + 1 tokens (classify: seq_len): truncate_prompt
+    #                                (classify: keeps the text's start) | drop
+    d.bad_rows = "error"  # sft, classify: a malformed row or unknown label: error (names file:line) | skip
     d.text_field = "text"  # the text's field in local .jsonl lines, or feature of a TFDS dataset
     d.local_name = "my_text"  # dataset=local: the name the files are prepared under
     d.train_split = "train"  # split read for training
@@ -86,6 +89,9 @@ def get_config() -> config_dict.ConfigDict:
     r.targets = "q,k,v,o,gate,up,down"  # the block matmuls adapted, comma-separated
     r.rslora = False  # scale alpha / sqrt(rank) instead (rank-stabilized LoRA)
     r.base_dtype = ""  # storage dtype of the frozen base (e.g. bfloat16); "" = model.param_dtype
+
+    c.classify = y = config_dict.ConfigDict()
+    y.labels = ""  # the label names, comma-separated, in class-index order; "" = stdlib_classify's packages
 
     c.checkpoint = k = config_dict.ConfigDict()
     k.every = 200  # steps between checkpoints (one is always written at the end)

@@ -28,7 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlm import metrics, model, pipeline, sharding, train
+from jaxlm import data, metrics, model, pipeline, sharding, train
 from jaxlm.config import Config, ConfigError
 
 GIB = 2**30
@@ -121,6 +121,12 @@ def device_memory(device: str | None, devices) -> tuple[str, float]:
 
 def abstract_batch(cfg: Config, batch_sharding):
     B, L = cfg.train.global_batch_size, cfg.data.seq_len
+    if cfg.model.num_labels:  # a classifier's: a label and a weight per row
+        shardings = data.batch_shardings(cfg, batch_sharding)
+        ints = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=batch_sharding)
+        return {"inputs": ints, "segment_ids": ints, "positions": ints,
+                "labels": jax.ShapeDtypeStruct((B,), jnp.int32, sharding=shardings["labels"]),
+                "weights": jax.ShapeDtypeStruct((B,), jnp.float32, sharding=shardings["weights"])}
     ints = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=batch_sharding)
     return {"inputs": ints, "targets": ints, "segment_ids": ints, "positions": ints,
             "weights": jax.ShapeDtypeStruct((B, L), jnp.float32, sharding=batch_sharding)}
@@ -135,7 +141,8 @@ def compile_train_step(cfg: Config, devices):
     state = train.with_shardings(abstract, shardings)
     start = time.perf_counter()
     with jax.set_mesh(mesh), sharding.logical_rules(rules), pipeline.context(cfg.mesh, mesh):
-        step = train.jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
+        step = train.jit_train_step(cfg, graphdef, tx, shardings,
+                                    data.batch_shardings(cfg, batch_sharding))
         compiled = step.lower(state, abstract_batch(cfg, batch_sharding)).compile()
     return compiled, mesh, time.perf_counter() - start
 

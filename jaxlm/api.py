@@ -7,6 +7,7 @@
     logits = lm.logits(tokens)                 # int [B, L] -> float32 [B, L, vocab]
     out = lm.generate(["def "], max_new_tokens=64)   # out.texts, out.ids, out.finish_reasons
     scores = lm.score([("x = ", "1")])         # summed log-prob, token count, is_greedy
+    out = clf.classify(["import asyncio"])     # a classifier's labels and probabilities
     lm.save_hf("out_dir")                      # transformers' AutoModelForCausalLM + AutoTokenizer
 
 `LM` holds a validated `Config`, the model's parameters placed on a mesh (one device unless
@@ -30,7 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import checkpoint, convert, generate, hf_tokenizer, model, quantize, scoring, sharding
+from jaxlm import (
+    checkpoint,
+    classify,
+    convert,
+    generate,
+    hf_tokenizer,
+    model,
+    quantize,
+    scoring,
+    sharding,
+)
 from jaxlm import config as config_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.generate import GenerateError
@@ -99,6 +110,15 @@ class LM:
                              f"max {int(tokens.max())}")
         with jax.set_mesh(self.mesh), sharding.logical_rules(self.rules):
             return self._forward(self.params, tokens, segment_ids, positions)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """A classifier's label names (classify.labels) in class-index order; () for an LM."""
+        return tuple(self.config.classify.labels.split(",")) if self.config.model.num_labels else ()
+
+    def classify(self, texts: Sequence[str]) -> classify.Classification:
+        """A classifier's labels and probabilities for `texts` (jaxlm/classify.py `predict`)."""
+        return classify.predict(self, texts)
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         """Token ids of `text` with the model's tokenizer (BOS first, as in training)."""
@@ -191,7 +211,7 @@ class LM:
         if self.quantize != "none":
             raise GenerateError("save_hf writes float weights: load the model without quantize")
         pure = nnx.to_pure_dict(jax.device_get(self.params))
-        convert.write_hf(directory, pure, self.config.model, dtype)
+        convert.write_hf(directory, pure, self.config.model, dtype, self.labels)
         if self.tokenizer_path:
             try:
                 hf_tokenizer.write(self.tokenizer_path, directory, self.config.model.max_seq_len)
@@ -331,7 +351,9 @@ def load(path: str, *, step: int | None = None, dtype: str | None = None,
     """
     if adapter is not None:
         lm = load(path, step=step, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
-        return _with_adapter(lm, adapter, quantize)
+        from jaxlm import lora_runs
+
+        return lora_runs.with_adapter(lm, adapter, quantize)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"'{path}' is not a directory")
     if os.path.isdir(checkpoint.checkpoint_dir(path)):
@@ -348,33 +370,6 @@ def load(path: str, *, step: int | None = None, dtype: str | None = None,
         f"'{path}' is neither a jaxlm workdir (no checkpoints/) nor a HF Llama directory "
         "(no config.json)"
     )
-
-
-def _with_adapter(lm: LM, adapter: str, kind: str | None) -> LM:
-    from jaxlm import lora, peft
-
-    pure = nnx.to_pure_dict(lm.params)
-    factors, _, scale = peft.read(adapter, pure)
-    merged = jax.jit(lora.merge, static_argnums=2)(pure, factors, scale)
-    return from_params(lm.config, merged, step=lm.step, tokenizer_path=lm.tokenizer_path,
-                       eos_ids=lm.eos_ids, quantize=kind, mesh=lm.mesh)
-
-
-def save_peft(workdir: str, directory: str, step: int | None = None) -> None:
-    """Write a LoRA run's factors (checkpoint `step`, default the latest) as a PEFT adapter."""
-    from jaxlm import lora, optim, peft, train
-
-    cfg = config_lib.from_dict(checkpoint.saved_config(workdir, step))
-    if not cfg.lora.rank:
-        raise lora.LoraError(f"'{workdir}' is not a LoRA run (its lora.rank is 0): export it "
-                             "with --format=hf")
-    _, abstract, _ = train.abstract_state(cfg, optim.make(cfg))
-    one = sharding.replicated(_resolve_mesh(None, cfg))
-    _, factors = checkpoint.restore_params(
-        workdir, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                              abstract.params), step)
-    peft.write(directory, jax.device_get(factors), lora.parse_targets(cfg.lora.targets),
-               cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora, base=cfg.train.init_from)
 
 
 def _hf_eos_ids(path: str, hf: dict) -> list[int] | None:
@@ -397,7 +392,9 @@ def _load_workdir(workdir: str, step: int | None, dtype: str | None, kind: str |
         cfg = cfg.replace(model={"dtype": dtype})
     placed_on = _resolve_mesh(mesh, cfg)
     if cfg.lora.rank:
-        step, params = _merged_lora_params(cfg, workdir, step, placed_on)
+        from jaxlm import lora_runs
+
+        step, params = lora_runs.merged_params(cfg, workdir, step, placed_on)
     else:
         _, abstract_params = nnx.split(model.abstract(cfg.model), nnx.Param)
         specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
@@ -408,23 +405,6 @@ def _load_workdir(workdir: str, step: int | None, dtype: str | None, kind: str |
     tok = os.path.join(workdir, "tokenizer.model")
     return from_params(cfg, params, step=step, tokenizer_path=tok if os.path.isfile(tok) else None,
                        quantize=kind, mesh=placed_on)
-
-
-def _merged_lora_params(cfg: config_lib.Config, workdir: str, step: int | None, mesh):
-    """(step, params) of a LoRA run: its base (train.init_from, pinned in its config, or the
-    seed's) plus the checkpoint's factors, merged in float32 into model.param_dtype."""
-    from jaxlm import finetune, lora, optim, train
-
-    _, abstract, (specs, frozen_specs) = train.abstract_state(cfg, optim.make(cfg))
-    shardings = train.TrainState(None, sharding.tree_shardings(mesh, specs), None,
-                                 sharding.tree_shardings(mesh, frozen_specs))
-    step, factors = checkpoint.restore_params(
-        workdir, train.with_shardings(abstract.params, shardings.params), step)
-    source = finetune.source(cfg.train.init_from) if cfg.train.init_from else None
-    base = train.frozen_base(cfg, source, abstract, shardings)
-    scale = lora.scale(cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora)
-    merge = jax.jit(lora.merge, static_argnums=(2, 3))
-    return step, merge(base, factors, scale, jnp.dtype(cfg.model.param_dtype))
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, quantize: str | None = None,

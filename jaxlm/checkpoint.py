@@ -75,9 +75,10 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(workdir: str, abstract_params, step: int | None = None):
-    """(step, params, config dict) of a workdir's checkpoint, params only (no optimizer state),
-    placed as `abstract_params` (ShapeDtypeStructs with shardings) say."""
+def restore_params(workdir: str, abstract_params, step: int | None = None, partial: bool = False):
+    """(step, params) of a workdir's checkpoint, params only (no optimizer state), placed as
+    `abstract_params` (ShapeDtypeStructs with shardings) say. `partial`: `abstract_params` may
+    leave out saved arrays (e.g. the output layer, for a classifier started from an LM)."""
     manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS)
     try:
         steps = manager.all_steps()
@@ -87,9 +88,13 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
         if step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in '{checkpoint_dir(workdir)}'"
                                     f"; it has steps {sorted(steps)}")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-        ))
+        if partial:
+            item = ocp.args.PyTreeRestore(
+                abstract_params, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))
+        else:
+            item = ocp.args.StandardRestore(abstract_params)
+        restored = manager.restore(step, args=ocp.args.Composite(params=item))
         return step, restored["params"]
     finally:
         manager.close()

@@ -56,7 +56,11 @@ def _train(argv: list[str]) -> dict:
     from jaxlm import train
 
     result = train.train(cfg, workdir)
-    if "eval_loss" in result:
+    if "eval_accuracy" in result:
+        print(f"validation accuracy {result['eval_accuracy']:.4f}, macro F1 "
+              f"{result['eval_macro_f1']:.4f}, loss {result['eval_loss']:.4f} nats/example "
+              f"({result['eval_examples']} examples) at step {result['step']}")
+    elif "eval_loss" in result:
         print(f"validation loss {result['eval_loss']:.4f} nats/token, perplexity "
               f"{result['eval_perplexity']:.2f} ({result['eval_tokens']} tokens) at step {result['step']}")
     import jax
@@ -124,9 +128,9 @@ def _bench(argv: list[str]) -> dict:
 
         return api.bench_generate(cfg, fv.batch, fv.prompt_len, fv.new_tokens, quantize_kind(fv),
                                   fv.repeats)
-    from jaxlm import train
+    from jaxlm import bench
 
-    return train.bench(cfg, fv.steps, fv.warmup)
+    return bench.bench(cfg, fv.steps, fv.warmup)
 
 
 def _aot(argv: list[str]) -> dict:

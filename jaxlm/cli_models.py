@@ -138,10 +138,10 @@ def export(argv: list[str]) -> dict:
     if fv.format == "peft":
         if not fv.workdir:
             raise UsageError("--format=peft exports a LoRA run: pass --workdir=DIR")
-        from jaxlm import api, lora
+        from jaxlm import lora, lora_runs
 
         try:
-            api.save_peft(fv.workdir, fv.out, fv.step)
+            lora_runs.save_peft(fv.workdir, fv.out, fv.step)
         except lora.LoraError as e:
             raise UsageError(str(e)) from None
     else:

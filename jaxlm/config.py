@@ -57,6 +57,7 @@ POSITIVE = {
     "lora": ("alpha",),
 }
 NON_NEGATIVE = {
+    "model": ("num_labels",),
     "optim": ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "z_loss"),
     "train": ("seed", "eval_batches", "peak_tflops", "profile_steps", "eval_task_limit",
               "early_stop_patience"),
@@ -88,6 +89,7 @@ DataConfig = _make_group_class("data")
 OptimConfig = _make_group_class("optim")
 TrainConfig = _make_group_class("train")
 LoraConfig = _make_group_class("lora")
+ClassifyConfig = _make_group_class("classify")
 CheckpointConfig = _make_group_class("checkpoint")
 MeshConfig = _make_group_class("mesh")
 _GROUP_CLASSES = {
@@ -96,6 +98,7 @@ _GROUP_CLASSES = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "lora": LoraConfig,
+    "classify": ClassifyConfig,
     "checkpoint": CheckpointConfig,
     "mesh": MeshConfig,
 }
@@ -111,6 +114,7 @@ class Config:
     optim: OptimConfig
     train: TrainConfig
     lora: LoraConfig
+    classify: ClassifyConfig
     checkpoint: CheckpointConfig
     mesh: MeshConfig
 
@@ -242,9 +246,18 @@ def _check_values(cfg: Config) -> None:
     if d.dataset == "sft" and not d.files:
         raise ConfigError("config key 'data.files' must be a glob of .jsonl files when "
                           "data.dataset is 'sft'")
-    if d.dataset in ("sft", "stdlib_sft") and not (d.tokenizer or cfg.train.init_from):
+
+    if d.dataset == "classify" and not (d.files and cfg.classify.labels):
+        raise ConfigError("data.dataset 'classify' needs 'data.files' (a glob of .jsonl rows "
+                          "{\"text\", \"label\"}) and 'classify.labels' (the label names, comma-separated)")
+    if d.dataset in ("sft", "stdlib_sft", "classify", "stdlib_classify") and not (
+            d.tokenizer or cfg.train.init_from):
         raise ConfigError(f"data.dataset '{d.dataset}' needs a tokenizer: set 'train.init_from' "
                           "(the source's tokenizer is used) or 'data.tokenizer'")
+    names = [n.strip() for n in cfg.classify.labels.split(",")] if cfg.classify.labels else []
+    if any(not n for n in names) or len(set(names)) != len(names) or len(names) == 1:
+        raise ConfigError(f"config key 'classify.labels' ({cfg.classify.labels!r}) must name at "
+                          "least two distinct, non-empty labels, comma-separated")
 
     if cfg.train.early_stop_patience and not cfg.checkpoint.best_metric:
         raise ConfigError("config key 'train.early_stop_patience' needs 'checkpoint.best_metric' "

@@ -6,6 +6,10 @@ stores [in, out] with heads split out and all layers stacked, so conversion is t
 reshapes and stacking, nothing numerical. RoPE needs no permutation: jaxlm uses the same
 half-split rotation as HF's Llama code.
 
+A classifier (model.num_labels > 0) is HF's LlamaForSequenceClassification: `score.weight`
+[num_labels, hidden] in place of `lm_head.weight`, and its label names as config.json's
+id2label / label2id (jaxlm's classify.labels), both ways.
+
 Every failure is a `ConversionError` whose one-line message names the file, field or tensor.
 """
 
@@ -44,11 +48,23 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
     Groups other than `model` keep their defaults (data.seq_len is capped at max_seq_len).
     """
     arch = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" or (arch and "LlamaForCausalLM" not in arch):
+    classifier = "LlamaForSequenceClassification" in arch
+    if hf.get("model_type") != "llama" or (arch and "LlamaForCausalLM" not in arch
+                                           and not classifier):
         raise ConversionError(
             f"unsupported architecture: config.json has model_type={hf.get('model_type')!r}, "
-            f"architectures={arch!r}; jaxlm reads Llama (model_type 'llama', LlamaForCausalLM)"
+            f"architectures={arch!r}; jaxlm reads Llama (model_type 'llama', LlamaForCausalLM "
+            "or LlamaForSequenceClassification)"
         )
+    labels = []
+    if classifier:
+        id2label = hf.get("id2label") or {}
+        labels = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))]
+        if len(labels) < 2 or None in labels or hf.get("problem_type") not in (
+                None, "single_label_classification"):
+            raise ConversionError(
+                f"unsupported classifier: config.json has id2label={id2label!r}, problem_type="
+                f"{hf.get('problem_type')!r}; jaxlm reads single-label classifiers of 2+ labels")
     for field, wanted in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if hf.get(field, wanted) != wanted:
             raise ConversionError(
@@ -82,20 +98,33 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
         "init_std": float(hf.get("initializer_range", 0.02)),
         "dtype": dtype,
         "param_dtype": param_dtype,
+        "num_labels": len(labels),
     }
     try:
         return config_lib.from_dict({
             "model": model,
             "data": {"seq_len": min(model["max_seq_len"], base.get_config().data.seq_len)},
+            "classify": {"labels": ",".join(map(str, labels))},
         })
     except config_lib.ConfigError as e:
         raise ConversionError(f"config.json does not make a valid jaxlm model: {e}") from None
 
 
-def hf_config_from_model(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
-    """A config.json that transformers' LlamaForCausalLM loads (5.x and older 4.x alike)."""
+def hf_config_from_model(cfg: ModelConfig, torch_dtype: str,
+                         labels: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config.json that transformers' LlamaForCausalLM loads (5.x and older 4.x alike), or
+    for a classifier LlamaForSequenceClassification, with `labels` as id2label."""
+    extra = {}
+    if cfg.num_labels:
+        if len(labels) != cfg.num_labels:
+            raise ConversionError(f"a classifier of {cfg.num_labels} labels needs their "
+                                  f"{cfg.num_labels} names (classify.labels), got {len(labels)}")
+        extra = {"num_labels": cfg.num_labels, "problem_type": "single_label_classification",
+                 "id2label": {str(i): n for i, n in enumerate(labels)},
+                 "label2id": {n: i for i, n in enumerate(labels)}}
     return {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": ["LlamaForSequenceClassification" if cfg.num_labels
+                          else "LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -115,6 +144,7 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
         "initializer_range": cfg.init_std,
         "dtype": torch_dtype,
         "torch_dtype": torch_dtype,
+        **extra,
     }
 
 
@@ -145,7 +175,9 @@ def _top_table(cfg: ModelConfig):
         ("embed_VD",): ("model.embed_tokens.weight", (V, D), (V, D)),
         ("final_norm", "scale_D"): ("model.norm.weight", (D,), (D,)),
     }
-    if not cfg.tie_embeddings:
+    if cfg.num_labels:
+        table[("w_score_CD",)] = ("score.weight", (cfg.num_labels, D), (cfg.num_labels, D))
+    elif not cfg.tie_embeddings:
         table[("w_out_VD",)] = ("lm_head.weight", (V, D), (V, D))
     return table
 
@@ -281,10 +313,13 @@ def read_hf_tensors(directory: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_hf(directory: str, params: Mapping, cfg: ModelConfig, dtype: str | None = None) -> None:
-    """Write config.json and safetensors weights (sharded past SHARD_BYTES) into `directory`."""
+def write_hf(directory: str, params: Mapping, cfg: ModelConfig, dtype: str | None = None,
+             labels: tuple[str, ...] = ()) -> None:
+    """Write config.json and safetensors weights (sharded past SHARD_BYTES) into `directory`
+    (a classifier's with its `labels`)."""
     st = _safetensors_numpy()
     dtype = dtype or cfg.param_dtype
+    hf_config = hf_config_from_model(cfg, dtype, labels)  # (checked before anything is written)
     np_dtype = _bf16() if dtype == "bfloat16" else np.dtype(dtype)
     tensors = params_to_hf(params, cfg, np_dtype)
     os.makedirs(directory, exist_ok=True)
@@ -310,5 +345,5 @@ def write_hf(directory: str, params: Mapping, cfg: ModelConfig, dtype: str | Non
         with open(os.path.join(directory, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(hf_config_from_model(cfg, dtype), f, indent=2)
+        json.dump(hf_config, f, indent=2)
 

@@ -14,6 +14,9 @@ The training iterator is a grain `DatasetIterator`: `get_state()` / `set_state()
 exactly, and the orbax grain handler checkpoints it. The validation iterator reads its split once,
 in order, and pads its last batch with weight-0 rows so every batch has the same shape.
 
+Classification data (jaxlm/classify.py) is one example per row, not packed: its rows are
+model rows already, with a label and a weight per row.
+
 This module computes no model numerics and names no mesh axis: `to_global` takes the sharding.
 """
 
@@ -27,7 +30,7 @@ import jax
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, ZipIterDataset
 
-from jaxlm import datasets, sft, tokenizer
+from jaxlm import classify, datasets, sft, tokenizer
 from jaxlm.config import Config
 
 # Tokenizing is the costly step and SentencePiece releases the GIL, so a few threads help; the
@@ -159,11 +162,17 @@ def train_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.It
     tok = tok or tokenizer.for_config(cfg)
     mine = streams(cfg, shard)
     rows = cfg.train.global_batch_size // (len(mine) * shard.count)
-    parts = [packed(cfg, cfg.data.train_split, s, True, tok, rows).batch(rows, drop_remainder=True)
-             for s in mine]
+    split = cfg.data.train_split
+    rows_ready = cfg.data.dataset in classify.DATASETS  # model rows already
+    if rows_ready:
+        parts = [classify.rows(cfg, split, s, True, tok).batch(rows, drop_remainder=True)
+                 for s in mine]
+    else:
+        parts = [packed(cfg, split, s, True, tok, rows).batch(rows, drop_remainder=True)
+                 for s in mine]
     # One zipped iterator keeps a single checkpointable state for all of this process's streams.
     ds = parts[0] if len(parts) == 1 else ZipIterDataset(parts).map(_concat_rows)
-    return ds.map(model_batch)
+    return ds if rows_ready else ds.map(model_batch)
 
 
 def eval_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.IterDataset:
@@ -171,6 +180,9 @@ def eval_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.Ite
     shard = shard or Shard.of_this_process()
     tok = tok or tokenizer.for_config(cfg)
     rows = per_process_batch(cfg, shard)
+    if cfg.data.dataset in classify.DATASETS:
+        return classify.rows(cfg, cfg.data.eval_split, shard, False, tok).batch(
+            rows, drop_remainder=False).map(lambda b: _pad_rows(b, rows))
     return _eval_batches(packed(cfg, cfg.data.eval_split, shard, False, tok, rows), rows)
 
 
@@ -193,29 +205,48 @@ def empty_batch(cfg: Config, shard: Shard | None = None) -> dict:
     """A validation batch of this process's shape whose weights and target_bytes are all 0 (it
     adds nothing to a loss)."""
     rows = per_process_batch(cfg, shard or Shard.of_this_process())
+    if cfg.data.dataset in classify.DATASETS:
+        return classify.empty_batch(cfg, rows)
     zeros = np.zeros((rows, cfg.data.seq_len), np.int32)
     return {"inputs": zeros, "targets": zeros, "segment_ids": zeros, "positions": zeros,
             "weights": zeros.astype(np.float32), "target_bytes": zeros}
 
 
 def _pad_rows(packed: dict, rows: int) -> dict:
-    missing = rows - len(packed["tokens"])
+    missing = rows - len(next(iter(packed.values())))
     if missing == 0:
         return packed
-    return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in packed.items()}
+    # Padding rows are zeros: segment id 0 and weight 0, so they count for nothing.
+    return {k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1)) for k, v in packed.items()}
 
 
 def prepare(cfg: Config, tok) -> str | None:
-    """Prepare what the data pipeline of `cfg` reads beyond the dataset itself (SFT rows, once);
-    a line for the log, or None."""
+    """Prepare what the data pipeline of `cfg` reads beyond the dataset itself (SFT or
+    classification rows, once); a line for the log, or None."""
+    if cfg.data.dataset in classify.DATASETS:
+        return classify.summary_line(classify.prepare(cfg, tok))
     if cfg.data.dataset not in sft.DATASETS:
         return None
     return sft.summary_line(sft.prepare(cfg.data, tok))
 
 
-def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
-    """Assemble every process's local rows into global arrays laid out by `sharding`."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def batch_shardings(cfg: Config, sharding: jax.sharding.NamedSharding):
+    """How a model batch is laid out: every array as `sharding` ([batch, length]), except a
+    classification batch's per-row labels and weights, split by its batch axes alone."""
+    if not cfg.model.num_labels:
+        return sharding
+    rows = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
+    return {"inputs": sharding, "segment_ids": sharding, "positions": sharding, "labels": rows,
+            "weights": rows}
+
+
+def to_global(batch: dict, sharding) -> dict:
+    """Assemble every process's local rows into global arrays laid out by `sharding` (one for
+    all, or one per key: `batch_shardings`)."""
+    def of(k):
+        return sharding[k] if isinstance(sharding, dict) else sharding
+
+    return {k: jax.make_array_from_process_local_data(of(k), v) for k, v in batch.items()}
 
 
 def bench(cfg: Config, batches: int = 50) -> dict:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm import data, datasets, objectives, sharding
+from jaxlm import classify, data, datasets, objectives, sharding
 from jaxlm.config import Config
 
 # Beyond this many bytes of validation text the gzip/xz reference is skipped: xz -9e runs at
@@ -36,10 +36,21 @@ COMPRESS_MAX_BYTES = 32 * 2**20
 XZ_PRESET = 9 | lzma.PRESET_EXTREME
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, num_labels: int = 0):
     """(params, batch) -> (nll sum, weight sum, byte sum) over the batch's weighted targets.
     The nll is the training loss's (objectives.lm_sums without z-loss), so eval_loss and the
-    training loss measure the same thing."""
+    training loss measure the same thing. For a classifier (`num_labels`): (nll sum, weight
+    sum, confusion matrix [true, predicted] of the weighted rows)."""
+    if num_labels:
+        def classify_step(params, batch):
+            logits_BC = objectives.class_logits(graphdef, params, batch)
+            nll_B, _ = objectives.nll_and_lse(logits_BC, batch["labels"])
+            w_B = batch["weights"]
+            confusion_CC = jnp.zeros((num_labels, num_labels)).at[
+                batch["labels"], jnp.argmax(logits_BC, axis=-1)].add(w_B)
+            return (nll_B * w_B).sum(), w_B.sum(), confusion_CC
+
+        return classify_step
 
     def step(params, batch):
         _, (nll_sum, weight) = objectives.lm_sums(graphdef, params, batch)
@@ -53,15 +64,21 @@ def evaluate(cfg: Config, graphdef, params, tok, mesh, eval_step=None, texts=Non
     """Validation loss (nats/token), perplexity, bits per byte, token and byte counts over
     `train.eval_batches` batches of the eval split (all when 0), or over every one of `texts`
     (strings, each a document) when given. Sums stay on device until the end: one host sync
-    per pass."""
+    per pass. A classifier's: loss (nats per example), accuracy, macro precision / recall / F1,
+    example count and the confusion matrix [true, predicted] (jaxlm/classify.py)."""
+    num_labels = cfg.model.num_labels
+    if num_labels and texts is not None:
+        raise ValueError("a classifier is evaluated on its labelled validation split, not on "
+                         "text files")
     if eval_step is None:
-        eval_step = jax.jit(make_eval_step(graphdef))
+        eval_step = jax.jit(make_eval_step(graphdef, num_labels))
     if texts is None:
         batches, limit = data.eval_dataset(cfg, tok=tok), cfg.train.eval_batches
     else:
         batches, limit = data.texts_dataset(cfg, texts, tok=tok), 0
-    batch_sharding = sharding.batch_sharding(mesh, sharding.rules_for(cfg.mesh))
-    sums = (jnp.zeros(()), jnp.zeros(()), jnp.zeros((), jnp.int32))
+    batch_sharding = data.batch_shardings(cfg, sharding.batch_sharding(mesh, sharding.rules_for(cfg.mesh)))
+    sums = (jnp.zeros(()), jnp.zeros(()),
+            jnp.zeros((num_labels, num_labels)) if num_labels else jnp.zeros((), jnp.int32))
     batches = iter(batches)
     i = 0
     while not limit or i < limit:
@@ -76,6 +93,13 @@ def evaluate(cfg: Config, graphdef, params, tok, mesh, eval_step=None, texts=Non
             break
         sums = jax.tree.map(jnp.add, sums, eval_step(params, data.to_global(batch, batch_sharding)))
         i += 1
+    if num_labels:
+        nll, weight, confusion = jax.device_get(sums)
+        confusion = np.rint(confusion).astype(np.int64)
+        scores = classify.metrics(confusion)
+        return {"eval_loss": float(nll) / max(float(weight), 1.0),
+                **{f"eval_{k}": v for k, v in scores.items()},
+                "eval_examples": int(round(float(weight))), "eval_confusion": confusion.tolist()}
     nll, weight, num_bytes = (float(x) for x in jax.device_get(sums))
     loss = nll / max(weight, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),

@@ -12,6 +12,10 @@ The source is a jaxlm workdir (its latest checkpoint, or `DIR:STEP`) or a HF Lla
 
 The optimizer state starts fresh. Once the new workdir has a checkpoint, `train.run` resumes from
 it as usual and the source is not read again.
+
+A classification run (jaxlm/classify.py) gets `model.num_labels` from its labels, here, with
+or without a source; from an LM source it takes everything but the output layer, and its score
+head starts from the seed (a classifier source with as many labels passes its head on).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, convert
+from jaxlm import checkpoint, classify, convert
 from jaxlm.config import Config, ConfigError
 from jaxlm.configs import base
 
@@ -78,16 +82,35 @@ def source(spec: str) -> Source:
     return Source(path, kind, step, model, tok)
 
 
+def with_labels(cfg: Config) -> Config:
+    """A classification run's `cfg` with model.num_labels (and classify.labels) from its labels."""
+    if cfg.data.dataset not in classify.DATASETS:
+        if cfg.model.num_labels:
+            raise ConfigError(f"config key 'model.num_labels' ({cfg.model.num_labels}) makes a "
+                              "classifier, which trains on data.dataset classify or stdlib_classify")
+        return cfg
+    names = classify.labels(cfg)
+    if cfg.model.num_labels not in (0, len(names)):
+        raise ConfigError(f"config key 'model.num_labels' ({cfg.model.num_labels}) disagrees with "
+                          f"classify.labels ({len(names)} names)")
+    return cfg.replace(model={"num_labels": len(names)}, classify={"labels": ",".join(names)})
+
+
 def resolve(cfg: Config) -> tuple[Config, Source | None]:
-    """`cfg` with the source's model keys and tokenizer, and the source; (cfg, None) without
-    `train.init_from`."""
+    """`cfg` with the source's model keys and tokenizer (and a classifier's num_labels), and
+    the source; (cfg, None) without `train.init_from`."""
+    cfg = with_labels(cfg)
     if not cfg.train.init_from:
         return cfg, None
     src = source(cfg.train.init_from)
+    if src.model.get("num_labels") and not cfg.model.num_labels:
+        raise ConfigError(f"config key '{KEY}': '{src.path}' is a classifier (it has no output "
+                          "layer); a language-model run cannot start from it")
     defaults = base.get_config().model
     ours = cfg.to_dict()["model"]
     for key, value in ours.items():
-        if key in RUNTIME_KEYS or value == src.model[key] or value == defaults[key]:
+        if (key in RUNTIME_KEYS or key == "num_labels" or value == src.model.get(key, defaults[key])
+                or value == defaults[key]):
             continue
         raise ConfigError(f"config key 'model.{key}' is {value!r}, but the model of {KEY} "
                           f"'{src.path}' has {src.model[key]!r}; model keys come from the source "
@@ -97,6 +120,7 @@ def resolve(cfg: Config) -> tuple[Config, Source | None]:
         raise ConfigError(f"config key 'data.tokenizer' ({cfg.data.tokenizer!r}) conflicts with "
                           f"{KEY}: the tokenizer comes from the source ('{src.tokenizer}')")
     model = {k: v for k, v in src.model.items() if k not in RUNTIME_KEYS}
+    model["num_labels"] = cfg.model.num_labels
     # Pinned: an absolute path and, for a workdir, the step, so a resume or a `jaxlm.load` of
     # a LoRA run (which reads its base again) finds the same parameters from any directory.
     pinned = os.path.abspath(src.path) + (f":{src.step}" if src.step is not None else "")
@@ -106,13 +130,22 @@ def resolve(cfg: Config) -> tuple[Config, Source | None]:
 
 def initial_params(src: Source, target):
     """The source's parameters placed as `target` (ShapeDtypeStructs with shardings) says,
-    cast to its dtypes."""
+    cast to its dtypes. A classifier's score head is left out (the caller seeds it) unless the
+    source has one of the same shape; the source's output layer is left behind."""
+    head = target.get("w_score_CD")
+    if head is not None and src.model.get("num_labels") != head.shape[0]:
+        target = {k: v for k, v in target.items() if k != "w_score_CD"}
+    # Arrays of the source that `target` has no place for (an output layer, a score head).
+    leaves_some = (head is not None and "w_score_CD" not in target) or (
+        "w_out_VD" not in target and not src.model["tie_embeddings"]
+        and not src.model.get("num_labels"))
     if src.kind == "workdir":
         # Restore in the dtype it was saved in, then cast on device (e.g. a bfloat16 frozen base).
         dtype = jax.numpy.dtype(src.model["param_dtype"])
         saved = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, dtype, sharding=t.sharding),
                              target)
-        _, params = checkpoint.restore_params(src.path, saved, src.step)
+        _, params = checkpoint.restore_params(src.path, saved, src.step,
+                                              partial=leaves_some)
         return jax.tree.map(lambda p, t: p if p.dtype == t.dtype else p.astype(t.dtype), params, target)
     cfg = convert.config_from_hf(convert.read_hf_config(src.path))
     arrays = convert.params_from_hf(convert.read_hf_tensors(src.path), cfg.model,
@@ -123,5 +156,5 @@ def initial_params(src: Source, target):
         # Every process holds the whole array and hands each device its slice.
         return jax.make_array_from_callback(t.shape, t.sharding, lambda index: a[index])
 
-    return jax.tree.map(place, arrays, target)
+    return jax.tree.map(place, {k: arrays[k] for k in target}, target)
 

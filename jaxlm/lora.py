@@ -93,7 +93,8 @@ def init_factors(base: dict, targets, rank: int, seed: int) -> dict:
 
 
 def factor_specs(factors: dict) -> dict:
-    """Logical PartitionSpecs of the factors: A [layers, -, in], B [layers, out, -]."""
+    """Logical PartitionSpecs of the factors (`factors["blocks"]`): A [layers, -, in], B
+    [layers, out, -]."""
     spec = jax.sharding.PartitionSpec
     return {"blocks": {part: {name: {"w_a": spec("layers", None, AXES[name][1]),
                                      "w_b": spec("layers", AXES[name][0], None)}
@@ -102,12 +103,14 @@ def factor_specs(factors: dict) -> dict:
 
 
 def combine(base: dict, factors: dict, lora_scale: float) -> dict:
-    """`base` with each adapted weight replaced by a LoraWeight (what the model runs on)."""
+    """`base` with each adapted weight replaced by a LoraWeight (what the model runs on).
+    Entries of `factors` beside "blocks" are whole trained params (a classifier's score head),
+    added as they are."""
     blocks = {part: dict(weights) for part, weights in base["blocks"].items()}
     for part, weights in factors["blocks"].items():
         for name, f in weights.items():
             blocks[part][name] = LoraWeight(blocks[part][name], f["w_a"], f["w_b"], lora_scale)
-    return {**base, "blocks": blocks}
+    return {**base, **factors, "blocks": blocks}
 
 
 def delta(name: str, shape, a, b, lora_scale: float):
@@ -125,7 +128,7 @@ def merge(base: dict, factors: dict, lora_scale: float, dtype=None) -> dict:
             w = blocks[part][name]
             merged = w.astype(jnp.float32) + delta(name, w.shape, f["w_a"], f["w_b"], lora_scale)
             blocks[part][name] = merged.astype(dtype or w.dtype)
-    merged = {**base, "blocks": blocks}
+    merged = {**base, **factors, "blocks": blocks}
     return merged if dtype is None else jax.tree.map(lambda x: x.astype(dtype), merged)
 
 

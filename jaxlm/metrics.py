@@ -6,6 +6,7 @@ docs/performance.md:
     6 * (matmul params in the blocks + d_model * vocab)    weights: 2 FLOPs per multiply-add,
                                                           x3 for forward + backward; the output
                                                           projection counts even when tied
+                                                          (a classifier has none)
   + 6 * num_layers * seq_len * num_heads * head_dim       causal attention: QK^T and AV over,
                                                           on average, half the row
 
@@ -44,7 +45,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     D, V, N, F = cfg.d_model, cfg.vocab_size, cfg.num_layers, cfg.mlp_dim
     H, G, K = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
     block_matmul_params = N * (D * H * K + 2 * D * G * K + H * K * D + 3 * D * F)
-    return 6.0 * (block_matmul_params + D * V) + 6.0 * N * seq_len * H * K
+    output = 0 if cfg.num_labels else D * V  # a classifier's head runs on one token per row
+    return 6.0 * (block_matmul_params + output) + 6.0 * N * seq_len * H * K
 
 
 _MEASURED: dict[str, float] = {}
@@ -121,7 +123,9 @@ class Writer:
         self.show(step, record)
 
     def show(self, step: int, record: dict) -> None:
-        parts = [f"{k} {_fmt(v)}" for k, v in record.items() if k != "step"]
+        # Lists (a classifier's confusion matrix) go to metrics.jsonl, not into the line.
+        parts = [f"{k} {_fmt(v)}" for k, v in record.items()
+                 if k != "step" and not isinstance(v, list)]
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix_str(", ".join(parts), refresh=True)

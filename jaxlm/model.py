@@ -2,7 +2,7 @@
 
 Dimension key (suffixes on tensor and weight names; the name is the shape comment):
   B batch   L length (queries)   S length (keys)   D d_model   F mlp hidden   V vocab
-  H query heads   G kv heads   K head dim   N layers
+  H query heads   G kv heads   K head dim   N layers   C classes (model.num_labels)
 
 Every parameter carries logical axis names (batch, length, embed, heads, kv_heads, head_dim, mlp,
 vocab, layers) in its `out_sharding` metadata, and activations at block boundaries go through
@@ -255,7 +255,12 @@ class Decoder(nnx.Module):
         self.embed_VD = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, cfg)
         self.blocks = _stacked_blocks(cfg, rngs)
         self.final_norm = RMSNorm(cfg)
-        if not cfg.tie_embeddings:
+        if cfg.num_labels:
+            # A classifier (HF's LlamaForSequenceClassification): a score head in place of the
+            # output layer, replicated (it is tiny). Created last, so every other parameter has
+            # the values an LM of the same seed gets.
+            self.w_score_CD = _param(rngs, (cfg.num_labels, D), (None, "embed"), cfg.init_std, cfg)
+        elif not cfg.tie_embeddings:
             # [vocab, d_model] like the embedding (and HF's lm_head): the backward pass then needs
             # no transposed copy of the [tokens, vocab] logit gradient (measured ~30% faster on
             # CPU for the output layer; docs/performance.md).
@@ -277,6 +282,23 @@ class Decoder(nnx.Module):
             x_BLD = x_BLD[:, -1:]
         logits_BLV = self.project(x_BLD)
         return logits_BLV if cache is None else (logits_BLV, cache)
+
+    def classify(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+        """float32 class logits [B, C]: the score head on the final hidden state of each row's
+        last real token, the rightmost one whose segment id is not 0 (so left- and right-padded
+        rows pool the same token; transformers pools the rightmost non-pad id). Without
+        segment ids every token is real and the last position is pooled."""
+        if not self.cfg.num_labels:
+            raise ValueError("this model has no score head (model.num_labels is 0)")
+        x_BLD, _ = self._hidden(self.embed(tokens_BL), segment_ids_BL, positions_BL, None)
+        B, L = tokens_BL.shape
+        if segment_ids_BL is None:
+            last_B = jnp.full((B,), L - 1, jnp.int32)
+        else:
+            last_B = L - 1 - jnp.argmax((segment_ids_BL != 0)[:, ::-1], axis=1)
+        x_BD = jnp.take_along_axis(x_BLD, last_B[:, None, None], axis=1)[:, 0]
+        return _matmul("BD,CD->BC", x_BD, self.w_score_CD, jnp.dtype(self.cfg.dtype),
+                       preferred_element_type=jnp.float32)
 
     def embed(self, tokens_BL):
         table = self.embed_VD.get_value()
@@ -300,6 +322,9 @@ class Decoder(nnx.Module):
     def project(self, x_BLD):
         """The output projection. Logits come out of the matmul in float32 (accumulated there),
         whatever the compute dtype."""
+        if self.cfg.num_labels and not self.cfg.tie_embeddings:
+            raise ValueError(f"this is a classifier (model.num_labels={self.cfg.num_labels}): it "
+                             "has a score head instead of an output layer; use classify")
         w_out_VD = self.embed_VD if self.cfg.tie_embeddings else self.w_out_VD
         logits_BLV = _matmul("BLD,VD->BLV", x_BLD, w_out_VD, jnp.dtype(self.cfg.dtype),
                              preferred_element_type=jnp.float32)
@@ -387,9 +412,11 @@ def num_params_formula(cfg: ModelConfig) -> int:
         V*D (embedding) + N * (D*H*K + 2*D*G*K + H*K*D  (attention)
                                + 3*D*F                   (SwiGLU)
                                + 2*D)                    (two RMSNorm scales)
-        + D (final norm) + [D*V if the output projection is untied]
+        + D (final norm) + [C*D, the score head of a classifier,
+                             else D*V if the output projection is untied]
     """
     V, D, N, F = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.mlp_dim
     H, G, K = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
     per_layer = D * H * K + 2 * D * G * K + H * K * D + 3 * D * F + 2 * D
-    return V * D + N * per_layer + D + (0 if cfg.tie_embeddings else D * V)
+    head = cfg.num_labels * D if cfg.num_labels else (0 if cfg.tie_embeddings else D * V)
+    return V * D + N * per_layer + D + head

@@ -7,6 +7,10 @@ sum over the weight sum), whatever else the objective adds, so runs with and wit
 compare. Weights come from the batch (`batch["weights"]`: 1 for a counted target), never from
 the pad id: SFT marks its prompt tokens 0 there (jaxlm/sft.py).
 
+Classification (jaxlm/classify.py) has one example per row: its batch carries `labels` and
+`weights` per row ([B]) and the objective is the cross-entropy of the score head's logits, so
+its "loss" is nats per example.
+
 `for_config(cfg)` picks the objective of a run; this module imports no data or mesh code.
 """
 
@@ -47,6 +51,21 @@ def lm_sums(graphdef, params, batch, z_loss: float = 0.0):
     return objective, (nll_sum, w_BL.sum())
 
 
+def class_logits(graphdef, params, batch):
+    """float32 [B, C] logits of a classification batch (model.Decoder.classify)."""
+    return nnx.merge(graphdef, params).classify(batch["inputs"], batch["segment_ids"],
+                                                batch["positions"])
+
+
+def classify_sums(graphdef, params, batch):
+    """Cross-entropy of each row's label under the score head, summed over weighted rows."""
+    nll_B, _ = nll_and_lse(class_logits(graphdef, params, batch), batch["labels"])
+    nll_sum = (nll_B * batch["weights"]).sum()
+    return nll_sum, (nll_sum, batch["weights"].sum())
+
+
 def for_config(cfg):
     """(graphdef, params, batch) -> (objective sum, (nll sum, weight sum)) for the run `cfg`."""
+    if cfg.model.num_labels:
+        return classify_sums
     return functools.partial(lm_sums, z_loss=cfg.optim.z_loss)

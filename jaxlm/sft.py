@@ -145,7 +145,7 @@ def fit(tokens: np.ndarray, loss: np.ndarray, max_tokens: int, too_long: str):
 # --- preparing -----------------------------------------------------------------------------------
 
 
-def _files(pattern: str, key: str) -> list[str]:
+def jsonl_files(pattern: str, key: str) -> list[str]:
     found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not found:
         raise SFTError(f"config key '{key}' ({pattern!r}) matches no file")
@@ -162,7 +162,7 @@ def prepared_dir(cfg: DataConfig, tok: tokenizer.Tokenizer) -> str:
     h = hashlib.sha256(f"v{FORMAT_VERSION}|{cfg.chat_template}|{cfg.seq_len}|{cfg.too_long}|"
                        f"{cfg.bad_rows}".encode())
     for key, pattern in (("data.files", cfg.files), ("data.eval_files", cfg.eval_files)):
-        for path in _files(pattern, key) if pattern else []:
+        for path in jsonl_files(pattern, key) if pattern else []:
             h.update(f"|{key}|{os.path.basename(path)}|".encode())
             with open(path, "rb") as f:
                 h.update(hashlib.sha256(f.read()).digest())
@@ -218,9 +218,9 @@ def prepare(cfg: DataConfig, tok: tokenizer.Tokenizer) -> dict:
             return json.load(f)
     template_parts(cfg.chat_template)
     counts = {"rows": 0, "malformed": {}}
-    train_rows = list(_read_rows(_files(cfg.files, "data.files"), cfg, counts))
+    train_rows = list(_read_rows(jsonl_files(cfg.files, "data.files"), cfg, counts))
     if cfg.eval_files:
-        eval_rows = list(_read_rows(_files(cfg.eval_files, "data.eval_files"), cfg, counts))
+        eval_rows = list(_read_rows(jsonl_files(cfg.eval_files, "data.eval_files"), cfg, counts))
     else:  # hold out rows by a hash of their text, as datasets.py holds out documents
         held = datasets.validation_keys([k for k, _ in train_rows])
         eval_rows = [r for r in train_rows if r[0] in held]

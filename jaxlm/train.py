@@ -22,7 +22,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -74,15 +73,24 @@ def abstract_state(cfg: Config, tx: optax.GradientTransformation):
     graphdef, param_state = nnx.split(model.abstract(cfg.model), nnx.Param)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(param_state))
     params, frozen, frozen_specs = nnx.to_pure_dict(param_state), {}, {}
-    if cfg.lora.rank:
+    if cfg.lora.rank:  # a classifier's score head is trained in full beside the factors
         dtype = jnp.dtype(base_dtype(cfg))
-        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
-        frozen_specs = specs
-        params = jax.eval_shape(lambda: _init_factors(cfg, frozen))
-        specs = lora.factor_specs(params)
+        frozen = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), v)
+                  for k, v in params.items() if k not in HEAD}
+        frozen_specs = {k: v for k, v in specs.items() if k not in HEAD}
+        head, head_specs = _head(params), _head(specs)
+        params = {**jax.eval_shape(lambda: _init_factors(cfg, frozen)), **head}
+        specs = {**lora.factor_specs(params), **head_specs}
     opt_state = jax.eval_shape(tx.init, params)
     step = jax.ShapeDtypeStruct((), jnp.int32)
     return graphdef, TrainState(step, params, opt_state, frozen), (specs, frozen_specs)
+
+
+HEAD = ("w_score_CD",)  # a classifier's score head (model.py): trained even under LoRA
+
+
+def _head(tree: dict) -> dict:
+    return {k: tree[k] for k in HEAD if k in tree}
 
 
 def _init_factors(cfg: Config, base):
@@ -128,9 +136,11 @@ def init_state(cfg: Config, tx, shardings: TrainState, params=None, frozen=None)
 
     def init(params, frozen):
         if cfg.lora.rank:
-            params = _init_factors(cfg, frozen)
+            params = {**_init_factors(cfg, frozen), **_head(_seed_params(cfg))}
         elif params is None:
             params = _seed_params(cfg)
+        elif cfg.model.num_labels and not _head(params):  # a classifier from an LM: a new head
+            params = {**params, **_head(_seed_params(cfg))}
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen)
 
     return jax.jit(init, out_shardings=shardings, donate_argnums=1)(params, frozen or {})
@@ -145,7 +155,8 @@ def frozen_base(cfg: Config, source, abstract: TrainState, shardings: TrainState
         return finetune.initial_params(source, with_shardings(abstract.frozen, shardings.frozen))
 
     def seed():
-        return jax.tree.map(lambda x: x.astype(base_dtype(cfg)), _seed_params(cfg))
+        base = {k: v for k, v in _seed_params(cfg).items() if k not in HEAD}
+        return jax.tree.map(lambda x: x.astype(base_dtype(cfg)), base)
 
     return jax.jit(seed, out_shardings=shardings.frozen)()
 
@@ -299,7 +310,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
     cfg, source = finetune.resolve(_pinned_source(cfg, workdir))  # model keys, tokenizer, params
     mesh, tx, graphdef, abstract, shardings = _setup(cfg)
     rules = sharding.rules_for(cfg.mesh)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+    batch_sharding = data.batch_shardings(cfg, sharding.batch_sharding(mesh, rules))
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.keep)
     start = ckpt.latest_step() or 0
     if jax.process_index() == 0:  # prepares the dataset and tokenizer once, for every process
@@ -345,7 +356,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
             print(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: {trained:,} trainable "
                   f"parameters, {total:,} frozen ({100 * trained / total:.2f}%)", flush=True)
         train_step = jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
-        eval_step = jax.jit(make_eval_step(graphdef))
+        eval_step = jax.jit(make_eval_step(graphdef, cfg.model.num_labels))
 
         writer = metrics.Writer(workdir, cfg.train.steps)
         flops_token = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
@@ -432,52 +443,3 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
     extra = {f"best_{best.metric}": best.best, "best_step": best.best_step,
              "early_stopped": best.stop} if best.enabled else {}
     return state, {"step": step, "stopped_by_sigterm": stop.requested, **last_eval, **extra}
-
-
-# --- benchmark -----------------------------------------------------------------------------------
-
-
-def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
-    """Time the real train step on synthetic tokens (no data pipeline), after compiling and
-    `warmup` steps. Every performance claim in docs/performance.md cites this."""
-    mesh, tx, graphdef, abstract, shardings = _setup(cfg)
-    rules = sharding.rules_for(cfg.mesh)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    B, L = cfg.train.global_batch_size, cfg.data.seq_len
-    rng = np.random.default_rng(cfg.train.seed)
-    tokens = rng.integers(0, cfg.model.vocab_size, (B, L + 1), dtype=np.int32)
-    batch = {
-        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-        "segment_ids": np.ones((B, L), np.int32),
-        "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
-        "weights": np.ones((B, L), np.float32),
-    }
-    with jax.set_mesh(mesh), sharding.logical_rules(rules), pipeline.context(cfg.mesh, mesh):
-        batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
-        state = init_state(cfg, tx, shardings, frozen=frozen_base(cfg, None, abstract, shardings))
-        step_fn = jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
-        compile_start = time.perf_counter()
-        compiled = step_fn.lower(state, batch).compile()
-        compile_seconds = time.perf_counter() - compile_start
-        for _ in range(warmup):
-            state, out = compiled(state, batch)
-        jax.block_until_ready(out)
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, out = compiled(state, batch)
-        jax.block_until_ready(out)
-        seconds = time.perf_counter() - start
-    peak = metrics.peak_tflops_per_device(cfg.train.peak_tflops)
-    rates = metrics.throughput(steps * B * L, seconds, metrics.flops_per_token(cfg.model, L), peak)
-    return {
-        "tokens_per_sec": round(rates["tokens_per_sec"], 1),
-        "step_time_ms": round(1000 * seconds / steps, 2),
-        "tflops_per_device": round(rates["tflops_per_device"], 4),
-        "mfu": round(rates["mfu"], 4),
-        "peak_tflops": round(peak, 4),
-        "num_params": model.num_params(cfg.model),
-        "num_devices": jax.device_count(),
-        "compile_seconds": round(compile_seconds, 2),
-        "device": jax.devices()[0].device_kind,
-        **pipeline.summary(cfg.mesh, mesh),
-    }

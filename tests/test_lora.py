@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxlm
-from jaxlm import api, cli, config, lora, optim, peft, sharding, train
+from jaxlm import cli, config, lora, lora_runs, optim, peft, sharding, train
 
 pytestmark = pytest.mark.slow
 
@@ -178,7 +178,7 @@ def test_we_load_an_adapter_written_by_peft(runs, tmp_path):
 def test_adapter_that_does_not_fit_names_the_tensor(runs, tmp_path, capsys):
     base, adapted = runs
     adapter = str(tmp_path / "adapter")
-    api.save_peft(adapted, adapter)
+    lora_runs.save_peft(adapted, adapter)
     import safetensors.numpy
 
     path = os.path.join(adapter, peft.WEIGHTS_FILE)

@@ -232,6 +232,8 @@ def test_cross_entropy_matches_optax_and_masks():
         {"num_kv_heads": 1},
         {"head_dim": 16},
         {"num_layers": 1, "mlp_dim": 8, "vocab_size": 5},
+        {"num_labels": 3},  # a classifier: a score head, no output layer
+        {"num_labels": 3, "tie_embeddings": True},
     ],
 )
 def test_num_params_matches_formula(tiny_cfg, overrides):
