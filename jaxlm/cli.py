@@ -37,7 +37,7 @@ COMMANDS = {
     "aot": "compile the train step for --devices=N or a TPU --topology: bytes per device, fits",
     "plot": "write a PNG of loss and learning rate against step from a workdir's metrics",
     "params": "parameter count of a config, from abstract shapes (nothing allocated)",
-    "data prepare": "prepare the config's dataset (TFDS array_record, or SFT rows) and print its summary",
+    "data prepare": "prepare the config's dataset (TFDS array_record, SFT or classify rows), print a summary",
     "data bench": "tokens/s of the host input pipeline (tokenize + pack + batch)",
     "tokenizer train": "train the config's sentencepiece tokenizer on its train split",
     "export": "write a workdir (--workdir) or HF directory (--model) as --format=hf into --out",
@@ -70,7 +70,8 @@ def _train(argv: list[str]) -> dict:
     # The gzip/xz reference, once, and not when a pre-emption notice asks for a quick exit; not
     # for SFT, whose validation loss covers completions only.
     if ("eval_bits_per_byte" in result and not result["stopped_by_sigterm"]
-            and jax.process_index() == 0 and cfg.data.dataset not in sft.DATASETS):
+            and jax.process_index() == 0 and cfg.data.dataset not in sft.DATASETS
+            and not cfg.model.num_labels):
         line, reference = evaluation.reference_line(cfg, result)
         print(line, flush=True)
         result["compression"] = reference
@@ -225,12 +226,17 @@ def _params(argv: list[str]) -> dict:
 
 def _data_prepare(argv: list[str]) -> dict:
     cfg, _ = parse(argv, config=True)
-    from jaxlm import datasets, finetune, sft, tasks, tokenizer
+    from jaxlm import classify, datasets, finetune, sft, tasks, tokenizer
 
-    if cfg.data.dataset in sft.DATASETS:  # tokenized with the tokenizer the run will use
+    if cfg.data.dataset in sft.DATASETS + classify.DATASETS:  # with the run's tokenizer
         cfg, _ = finetune.resolve(cfg)
-        summary = sft.prepare(cfg.data, tokenizer.for_config(cfg))
-        print(sft.summary_line(summary), flush=True)
+        tok = tokenizer.for_config(cfg)
+        if cfg.data.dataset in classify.DATASETS:
+            summary = classify.prepare(cfg, tok)
+            print(classify.summary_line(summary), flush=True)
+        else:
+            summary = sft.prepare(cfg.data, tok)
+            print(sft.summary_line(summary), flush=True)
         return summary
     summary = datasets.prepare(cfg.data)
     if cfg.data.dataset == datasets.STDLIB:  # the offline lm-eval tasks come from its validation split

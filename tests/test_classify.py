@@ -82,34 +82,28 @@ def pure(params):
 
 def test_pooling_reads_the_last_real_token_left_or_right_padded():
     cfg = config.from_dict({"model": {**SMALL, "num_labels": 3}, "data": {"seq_len": 32}}).model
-    decoder = model.init(cfg, seed=0)
+    graphdef, params = nnx.split(model.init(cfg, seed=0), nnx.Param)
+
+    def logits(tokens, segment_ids):
+        # Positions count each row's real tokens from 0, wherever its padding is.
+        positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0) * segment_ids
+        return np.asarray(classify._class_logits(graphdef, params, tokens, segment_ids,
+                                                 positions.astype(np.int32)))
+
     rng = np.random.RandomState(0)
     seqs = [rng.randint(4, 512, n) for n in (5, 9)]
     L = 12
-    right = np.zeros((2, L), np.int32)
-    left = np.zeros((2, L), np.int32)
-    seg_right, seg_left = np.zeros_like(right), np.zeros_like(left)
-    pos_right, pos_left = np.zeros_like(right), np.zeros_like(left)
-    for i, s in enumerate(seqs):
-        n = len(s)
-        right[i, :n], seg_right[i, :n], pos_right[i, :n] = s, 1, np.arange(n)
-        left[i, L - n:], seg_left[i, L - n:], pos_left[i, L - n:] = s, 1, np.arange(n)
-    logits_right = np.asarray(decoder.classify(right, seg_right, pos_right))
-    logits_left = np.asarray(decoder.classify(left, seg_left, pos_left))
-    assert logits_right.shape == (2, 3)
-    np.testing.assert_allclose(logits_left, logits_right, atol=1e-5)
-    for i, s in enumerate(seqs):  # each row alone, unpadded, pools the same token
-        np.testing.assert_allclose(np.asarray(decoder.classify(s[None]))[0], logits_right[i],
-                                   atol=1e-5)
-    # Pad tokens change nothing; the last real token does.
-    noisy = right.copy()
-    noisy[seg_right == 0] = 7
-    np.testing.assert_array_equal(np.asarray(decoder.classify(noisy, seg_right, pos_right)),
-                                  logits_right)
-    changed = right.copy()
-    changed[0, len(seqs[0]) - 1] += 1
-    assert not np.allclose(np.asarray(decoder.classify(changed, seg_right, pos_right))[0],
-                           logits_right[0])
+    right, left = np.zeros((3, L), np.int32), np.zeros((3, L), np.int32)
+    for i, s in enumerate(seqs + [seqs[0][:4]]):
+        right[i, :len(s)], left[i, L - len(s):] = s, s
+    seg_right, seg_left = (right != 0).astype(np.int32), (left != 0).astype(np.int32)
+    logits_right = logits(right, seg_right)
+    assert logits_right.shape == (3, 3)
+    np.testing.assert_allclose(logits(left, seg_left), logits_right, atol=1e-5)
+    # Pad tokens change nothing; the last real token does (row 2 is row 0 without it).
+    noisy = np.where(seg_right == 0, 7, right).astype(np.int32)
+    np.testing.assert_array_equal(logits(noisy, seg_right), logits_right)
+    assert not np.allclose(logits_right[2], logits_right[0], atol=1e-4)
 
 
 def test_objective_is_the_cross_entropy_of_the_labels():
