@@ -8,6 +8,7 @@
     out = lm.generate(["def "], max_new_tokens=64)   # out.texts, out.ids, out.finish_reasons
     scores = lm.score([("x = ", "1")])         # summed log-prob, token count, is_greedy
     out = clf.classify(["import asyncio"])     # a classifier's labels and probabilities
+    maps = lm.attention_maps("def f(x):")      # float32 [layers, heads, L, L]
     lm.save_hf("out_dir")                      # transformers' AutoModelForCausalLM + AutoTokenizer
 
 `LM` holds a validated `Config`, the model's parameters placed on a mesh (one device unless
@@ -119,6 +120,13 @@ class LM:
     def classify(self, texts: Sequence[str]) -> classify.Classification:
         """A classifier's labels and probabilities for `texts` (jaxlm/classify.py `predict`)."""
         return classify.predict(self, texts)
+
+    def attention_maps(self, tokens_or_text, layers=None, heads=None) -> np.ndarray:
+        """float32 attention probabilities [layers, heads, L, S] of one sequence (a string or
+        token ids), from the reference path (jaxlm/attention_maps.py)."""
+        from jaxlm import attention_maps
+
+        return attention_maps.attention_maps(self, tokens_or_text, layers, heads)
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         """Token ids of `text` with the model's tokenizer (BOS first, as in training)."""

@@ -105,6 +105,20 @@ def reference_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
     return masked_attention(q_BLHK, k_BSGK, v_BSGK, attention_mask(segment_ids_BL, q_BLHK.shape[1]))
 
 
+def probabilities(q_BLHK, k_BSGK, segment_ids_BL=None):
+    """float32 attention probabilities [B, H, L, S] of the reference path: each query's softmax
+    over the keys it may see (causal, its own segment), exact zeros elsewhere. For looking at
+    the attention (LM.attention_maps), never for training: it is [L, S] per head."""
+    B, L, H, K = q_BLHK.shape
+    G = k_BSGK.shape[2]
+    q_BLGRK = q_BLHK.astype(jnp.float32).reshape(B, L, G, H // G, K) * K**-0.5
+    scores_BGRLS = jnp.einsum("BLGRK,BSGK->BGRLS", q_BLGRK, k_BSGK.astype(jnp.float32))
+    allowed_BLS = attention_mask(segment_ids_BL, L)
+    scores_BGRLS = jnp.where(allowed_BLS[:, None, None], scores_BGRLS, -jnp.inf)
+    probs_BGRLS = jnp.where(allowed_BLS[:, None, None], jax.nn.softmax(scores_BGRLS, axis=-1), 0.0)
+    return probs_BGRLS.reshape(B, H, L, L)
+
+
 def masked_attention(q_BLHK, k_BSGK, v_BSGK, allowed_BLS):
     """Attention of queries [B, L] over keys [B, S] where `allowed_BLS` (or [1, L, S]) is true.
 

@@ -41,6 +41,7 @@ COMMANDS = {
     "data bench": "tokens/s of the host input pipeline (tokenize + pack + batch)",
     "tokenizer train": "train the config's sentencepiece tokenizer on its train split",
     "export": "write a workdir (--workdir) or HF directory (--model) as --format=hf into --out",
+    "attention": "draw a model's attention maps for --text as a PNG; print each head's entropy",
 }
 
 USAGE = (
@@ -279,6 +280,7 @@ HANDLERS = {
     "data bench": _data_bench,
     "tokenizer train": _tokenizer_train,
     "export": cli_models.export,
+    "attention": cli_models.attention,
 }
 
 

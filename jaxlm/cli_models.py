@@ -148,3 +148,33 @@ def export(argv: list[str]) -> dict:
         _, lm = load_model(fv)
         lm.save_hf(fv.out, fv.dtype)
     return {"format": fv.format, "out": fv.out, "files": sorted(os.listdir(fv.out))}
+
+
+def attention(argv: list[str]) -> dict:
+    def define(fv):
+        model_flags(fv)
+        flags.DEFINE_string("text", None, "the text whose attention is drawn", flag_values=fv)
+        flags.DEFINE_integer("layer", None, "one layer (with --head: one map); default every "
+                             "layer, every head", flag_values=fv)
+        flags.DEFINE_integer("head", None, "one head of --layer", flag_values=fv)
+        flags.DEFINE_string("out", None, "the PNG to write", flag_values=fv)
+        flags.DEFINE_string("json", None, "also write the maps, pieces and entropies as JSON here",
+                            flag_values=fv)
+
+    _, fv = parse(argv, config=False, define=define)
+    if fv.text is None:
+        raise UsageError("missing --text=TEXT")
+    from jaxlm import attention_maps
+
+    _, lm = load_model(fv)
+    try:
+        result = attention_maps.command(lm, fv.text, fv.layer, fv.head, fv.out)
+    except attention_maps.MapsError as e:
+        raise UsageError(str(e)) from None
+    print(attention_maps.entropy_table(result), flush=True)
+    maps = result.pop("maps")
+    if fv.json:
+        with open(fv.json, "w") as f:
+            json.dump({**result, "maps": maps.round(6).tolist()}, f)
+        result["json"] = fv.json
+    return result

@@ -131,6 +131,15 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.implementation = cfg.attention
 
+    def _rotated_qk(self, x_BLD, positions_BL):
+        q_BLHK = _matmul("BLD,HKD->BLHK", x_BLD, self.w_q_HKD, self.dtype)
+        k_BLGK = _matmul("BLD,GKD->BLGK", x_BLD, self.w_k_GKD, self.dtype)
+        return rope(q_BLHK, positions_BL, self.rope_theta), rope(k_BLGK, positions_BL, self.rope_theta)
+
+    def probabilities(self, x_BLD, positions_BL, segment_ids_BL):
+        """float32 [B, H, L, S] attention probabilities of the reference path (for looking)."""
+        return attention_lib.probabilities(*self._rotated_qk(x_BLD, positions_BL), segment_ids_BL)
+
     def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache: KVCache | None = None,
                  layer=0):
         """(output, cache): with a `cache`, the new keys and values are written into its row
@@ -210,6 +219,9 @@ class Block(nnx.Module):
         h_BLD = constrain(x_BLD + attn_BLD, ACTIVATION)
         out_BLD = h_BLD + self.mlp(self.mlp_norm(h_BLD))
         return constrain(out_BLD, ACTIVATION), cache
+
+    def attention_probabilities(self, x_BLD, positions_BL, segment_ids_BL):
+        return self.attn.probabilities(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -299,6 +311,21 @@ class Decoder(nnx.Module):
         x_BD = jnp.take_along_axis(x_BLD, last_B[:, None, None], axis=1)[:, 0]
         return _matmul("BD,CD->BC", x_BD, self.w_score_CD, jnp.dtype(self.cfg.dtype),
                        preferred_element_type=jnp.float32)
+
+    def attention_maps(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+        """float32 attention probabilities [N, B, H, L, S] of every layer, computed by the
+        reference path beside the configured kernel's forward (which keeps none), layer by
+        layer. For looking at the attention (LM.attention_maps); [L, S] per head and layer."""
+        x_BLD = self.embed(tokens_BL)
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
+        graphdef, stacked = nnx.split(self.blocks)
+        maps = []
+        for i in range(self.cfg.num_layers):
+            block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+            maps.append(block.attention_probabilities(x_BLD, positions_BL, segment_ids_BL))
+            x_BLD, _ = block(x_BLD, positions_BL, segment_ids_BL)
+        return jnp.stack(maps)
 
     def embed(self, tokens_BL):
         table = self.embed_VD.get_value()
