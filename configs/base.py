@@ -69,6 +69,12 @@ def get_config() -> config_dict.ConfigDict:
     o.decay_embeddings = False  # apply weight decay to the embedding table too
     o.z_loss = 0.0  # weight of the z-loss, mean(logsumexp(logits)^2); 0 disables it
 
+    c.loss = w = config_dict.ConfigDict()  # extra terms of the LM objective (jaxlm/objectives.py)
+    w.focal_gamma = 0.0  # token focal loss: cross-entropy x (1 - p)^gamma; 0 = plain cross-entropy
+    w.sequence_weighting = ""  # per packed document: "" = off | mean_loss (weight harder documents more)
+    w.sequence_beta = 1.0  # sequence weighting: weight ~ (document mean loss / batch mean)^beta
+    w.sequence_cap = 4.0  # sequence weighting: a document's relative weight is capped here before normalising
+
     c.train = t = config_dict.ConfigDict()
     t.steps = 1000  # optimizer steps
     t.global_batch_size = 32  # rows per optimizer step, summed over all devices and hosts

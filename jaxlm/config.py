@@ -44,6 +44,7 @@ CHOICES = {
     "data.too_long": ("truncate_prompt", "drop"),
     "data.bad_rows": ("error", "skip"),
     "checkpoint.best_mode": ("min", "max"),
+    "loss.sequence_weighting": ("", "mean_loss"),
 }
 
 # Keys that must be > 0 (when not None) and keys that must be >= 0.
@@ -55,6 +56,7 @@ POSITIVE = {
     "train": ("steps", "global_batch_size", "log_every", "eval_every"),
     "checkpoint": ("every", "keep"),
     "lora": ("alpha",),
+    "loss": ("sequence_cap",),
 }
 NON_NEGATIVE = {
     "model": ("num_labels",),
@@ -64,6 +66,7 @@ NON_NEGATIVE = {
     "data": ("streams",),
     "mesh": ("pipeline_microbatches",),
     "lora": ("rank",),
+    "loss": ("focal_gamma", "sequence_beta"),
 }
 
 
@@ -90,6 +93,7 @@ OptimConfig = _make_group_class("optim")
 TrainConfig = _make_group_class("train")
 LoraConfig = _make_group_class("lora")
 ClassifyConfig = _make_group_class("classify")
+LossConfig = _make_group_class("loss")
 CheckpointConfig = _make_group_class("checkpoint")
 MeshConfig = _make_group_class("mesh")
 _GROUP_CLASSES = {
@@ -99,6 +103,7 @@ _GROUP_CLASSES = {
     "train": TrainConfig,
     "lora": LoraConfig,
     "classify": ClassifyConfig,
+    "loss": LossConfig,
     "checkpoint": CheckpointConfig,
     "mesh": MeshConfig,
 }
@@ -115,6 +120,7 @@ class Config:
     train: TrainConfig
     lora: LoraConfig
     classify: ClassifyConfig
+    loss: LossConfig
     checkpoint: CheckpointConfig
     mesh: MeshConfig
 
@@ -186,7 +192,8 @@ def _check_values(cfg: Config) -> None:
         value = getattr(getattr(cfg, group), key)
         if value not in choices:
             raise ConfigError(
-                f"config key '{name}' is {value!r}; valid choices: {', '.join(choices)}"
+                f"config key '{name}' is {value!r}; valid choices: "
+                + ", ".join(c if c else '""' for c in choices)
             )
     for group, keys in POSITIVE.items():
         for key in keys:
@@ -258,6 +265,12 @@ def _check_values(cfg: Config) -> None:
     if any(not n for n in names) or len(set(names)) != len(names) or len(names) == 1:
         raise ConfigError(f"config key 'classify.labels' ({cfg.classify.labels!r}) must name at "
                           "least two distinct, non-empty labels, comma-separated")
+
+    if (cfg.loss.focal_gamma or cfg.loss.sequence_weighting) and cfg.model.num_labels:
+        raise ConfigError("config keys 'loss.focal_gamma' and 'loss.sequence_weighting' weight a "
+                          "language model's tokens; a classifier (model.num_labels) has none")
+    if cfg.loss.sequence_cap < 1.0:
+        raise ConfigError(f"config key 'loss.sequence_cap' must be >= 1, got {cfg.loss.sequence_cap}")
 
     if cfg.train.early_stop_patience and not cfg.checkpoint.best_metric:
         raise ConfigError("config key 'train.early_stop_patience' needs 'checkpoint.best_metric' "

@@ -7,6 +7,17 @@ sum over the weight sum), whatever else the objective adds, so runs with and wit
 compare. Weights come from the batch (`batch["weights"]`: 1 for a counted target), never from
 the pad id: SFT marks its prompt tokens 0 there (jaxlm/sft.py).
 
+Two switches weight the LM cross-entropy by difficulty (`loss.*`; off, the objective is the plain
+one, the same program bit for bit):
+
+- `loss.focal_gamma` = gamma: each token's cross-entropy times (1 - p)^gamma, p the model's
+  probability of the target (the softmax focal loss of Lin et al., 2017, at the token level:
+  confident tokens count less, gradient through both factors);
+- `loss.sequence_weighting=mean_loss`: each packed document (a segment of a row) weighted by its
+  difficulty, its mean token loss d under stop_gradient: w = min((d / mean d)^beta, cap), then
+  normalised so the weights average 1 over the microbatch's weighted tokens, so the objective
+  keeps the scale of the plain one (`loss.sequence_beta`, `loss.sequence_cap`).
+
 Classification (jaxlm/classify.py) has one example per row: its batch carries `labels` and
 `weights` per row ([B]) and the objective is the cross-entropy of the score head's logits, so
 its "loss" is nats per example.
@@ -40,15 +51,49 @@ def nll_and_lse(logits_BLV, targets_BL):
     return lse_BL - target_logit_BL, lse_BL
 
 
-def lm_sums(graphdef, params, batch, z_loss: float = 0.0):
+def lm_sums(graphdef, params, batch, z_loss: float = 0.0, focal_gamma: float = 0.0,
+            sequence: tuple[float, float] | None = None):
     """Next-token cross-entropy over the weighted targets, plus `z_loss` x logsumexp^2 (which
-    keeps the output layer's logits from drifting; PaLM)."""
+    keeps the output layer's logits from drifting; PaLM). `focal_gamma` and `sequence` (beta,
+    cap) turn on the difficulty weightings of the module docstring."""
     logits_BLV = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"], batch["positions"])
     nll_BL, lse_BL = nll_and_lse(logits_BLV, batch["targets"])
     w_BL = batch["weights"]
     nll_sum = (nll_BL * w_BL).sum()
-    objective = nll_sum + z_loss * (jnp.square(lse_BL) * w_BL).sum()
+    if not focal_gamma and sequence is None:
+        objective = nll_sum
+    else:
+        term_BL = nll_BL if not focal_gamma else nll_BL * focal_factor(nll_BL, focal_gamma)
+        scale_BL = w_BL if sequence is None else w_BL * sequence_weights(
+            nll_BL, w_BL, batch["segment_ids"], *sequence)
+        objective = (term_BL * scale_BL).sum()
+    objective = objective + z_loss * (jnp.square(lse_BL) * w_BL).sum()
     return objective, (nll_sum, w_BL.sum())
+
+
+def focal_factor(nll_BL, gamma: float):
+    """(1 - p)^gamma with p = exp(-nll), the target's probability (clamped at 0 against rounding)."""
+    return jnp.maximum(-jnp.expm1(-nll_BL), 0.0) ** gamma
+
+
+def sequence_weights(nll_BL, w_BL, segment_ids_BL, beta: float, cap: float):
+    """Per-token weights [B, L], constant over each (row, segment): the document's relative
+    difficulty (its mean weighted nll over the batch's mean, to the power beta, capped), scaled
+    so that they average 1 over the weighted tokens. No gradient flows through them."""
+    nll_BL = jax.lax.stop_gradient(nll_BL)
+    L = nll_BL.shape[1]
+
+    def per_row(nll_L, w_L, seg_L):
+        total = jax.ops.segment_sum(nll_L * w_L, seg_L, num_segments=L + 1)
+        count = jax.ops.segment_sum(w_L, seg_L, num_segments=L + 1)
+        return (total / jnp.maximum(count, 1e-9))[seg_L]
+
+    difficulty_BL = jax.vmap(per_row)(nll_BL, w_BL, segment_ids_BL)
+    tokens = jnp.maximum(w_BL.sum(), 1e-9)
+    mean = (difficulty_BL * w_BL).sum() / tokens
+    relative_BL = jnp.minimum((difficulty_BL / jnp.maximum(mean, 1e-9)) ** beta, cap)
+    norm = (relative_BL * w_BL).sum() / tokens
+    return jax.lax.stop_gradient(relative_BL / jnp.maximum(norm, 1e-9))
 
 
 def class_logits(graphdef, params, batch):
@@ -68,4 +113,7 @@ def for_config(cfg):
     """(graphdef, params, batch) -> (objective sum, (nll sum, weight sum)) for the run `cfg`."""
     if cfg.model.num_labels:
         return classify_sums
-    return functools.partial(lm_sums, z_loss=cfg.optim.z_loss)
+    sequence = ((cfg.loss.sequence_beta, cfg.loss.sequence_cap)
+                if cfg.loss.sequence_weighting == "mean_loss" else None)
+    return functools.partial(lm_sums, z_loss=cfg.optim.z_loss, focal_gamma=cfg.loss.focal_gamma,
+                             sequence=sequence)
