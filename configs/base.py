@@ -75,6 +75,11 @@ def get_config() -> config_dict.ConfigDict:
     w.sequence_beta = 1.0  # sequence weighting: weight ~ (document mean loss / batch mean)^beta
     w.sequence_cap = 4.0  # sequence weighting: a document's relative weight is capped here before normalising
 
+    c.distill = z = config_dict.ConfigDict()  # knowledge distillation from a teacher model
+    z.teacher = ""  # a jaxlm workdir (DIR or DIR:STEP) or HF directory with the same vocabulary; "" = off
+    z.temperature = 2.0  # softmax temperature T of both distributions in the KL term
+    z.alpha = 0.5  # loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy
+
     c.train = t = config_dict.ConfigDict()
     t.steps = 1000  # optimizer steps
     t.global_batch_size = 32  # rows per optimizer step, summed over all devices and hosts

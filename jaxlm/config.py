@@ -57,6 +57,7 @@ POSITIVE = {
     "checkpoint": ("every", "keep"),
     "lora": ("alpha",),
     "loss": ("sequence_cap",),
+    "distill": ("temperature",),
 }
 NON_NEGATIVE = {
     "model": ("num_labels",),
@@ -94,6 +95,7 @@ TrainConfig = _make_group_class("train")
 LoraConfig = _make_group_class("lora")
 ClassifyConfig = _make_group_class("classify")
 LossConfig = _make_group_class("loss")
+DistillConfig = _make_group_class("distill")
 CheckpointConfig = _make_group_class("checkpoint")
 MeshConfig = _make_group_class("mesh")
 _GROUP_CLASSES = {
@@ -104,6 +106,7 @@ _GROUP_CLASSES = {
     "lora": LoraConfig,
     "classify": ClassifyConfig,
     "loss": LossConfig,
+    "distill": DistillConfig,
     "checkpoint": CheckpointConfig,
     "mesh": MeshConfig,
 }
@@ -121,6 +124,7 @@ class Config:
     lora: LoraConfig
     classify: ClassifyConfig
     loss: LossConfig
+    distill: DistillConfig
     checkpoint: CheckpointConfig
     mesh: MeshConfig
 
@@ -269,6 +273,15 @@ def _check_values(cfg: Config) -> None:
     if (cfg.loss.focal_gamma or cfg.loss.sequence_weighting) and cfg.model.num_labels:
         raise ConfigError("config keys 'loss.focal_gamma' and 'loss.sequence_weighting' weight a "
                           "language model's tokens; a classifier (model.num_labels) has none")
+    if not 0.0 <= cfg.distill.alpha <= 1.0:
+        raise ConfigError(f"config key 'distill.alpha' must be in [0, 1], got {cfg.distill.alpha!r}")
+    if cfg.distill.teacher and (cfg.loss.focal_gamma or cfg.loss.sequence_weighting):
+        raise ConfigError("config key 'distill.teacher' does not combine with 'loss.focal_gamma' "
+                          "or 'loss.sequence_weighting' (the distillation objective has its own "
+                          "cross-entropy term)")
+    if cfg.distill.teacher and cfg.model.num_labels:
+        raise ConfigError("config key 'distill.teacher': distillation trains a language model; "
+                          "a classifier (model.num_labels) has no token distribution to match")
     if cfg.loss.sequence_cap < 1.0:
         raise ConfigError(f"config key 'loss.sequence_cap' must be >= 1, got {cfg.loss.sequence_cap}")
 

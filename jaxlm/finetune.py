@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint, classify, convert
+from jaxlm import config as config_lib
 from jaxlm.config import Config, ConfigError
 from jaxlm.configs import base
 
@@ -53,15 +54,15 @@ def parse(spec: str) -> tuple[str, int | None]:
     return os.path.expanduser(spec), None
 
 
-def source(spec: str) -> Source:
-    """What `train.init_from` names, checked: one ConfigError line when it is unusable."""
+def source(spec: str, key: str = KEY) -> Source:
+    """What `train.init_from` (or `key`) names, checked: one ConfigError line when it is unusable."""
     path, step = parse(spec)
     if os.path.isdir(checkpoint.checkpoint_dir(path)):
         steps = checkpoint.steps(path)
         if not steps:
-            raise ConfigError(f"config key '{KEY}': workdir '{path}' has no finished checkpoint")
+            raise ConfigError(f"config key '{key}': workdir '{path}' has no finished checkpoint")
         if step is not None and step not in steps:
-            raise ConfigError(f"config key '{KEY}': workdir '{path}' has no checkpoint {step}; "
+            raise ConfigError(f"config key '{key}': workdir '{path}' has no checkpoint {step}; "
                               f"it has {', '.join(map(str, steps))}")
         step = max(steps) if step is None else step
         model = checkpoint.saved_config(path, step)["model"]
@@ -70,14 +71,14 @@ def source(spec: str) -> Source:
         try:
             model = convert.config_from_hf(convert.read_hf_config(path)).to_dict()["model"]
         except convert.ConversionError as e:
-            raise ConfigError(f"config key '{KEY}': {e}") from None
+            raise ConfigError(f"config key '{key}': {e}") from None
         kind = "hf"
     else:
-        raise ConfigError(f"config key '{KEY}': '{spec}' is neither a jaxlm workdir (no "
+        raise ConfigError(f"config key '{key}': '{spec}' is neither a jaxlm workdir (no "
                           "checkpoints/) nor a HF Llama directory (no config.json)")
     tok = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(tok):
-        raise ConfigError(f"config key '{KEY}': '{path}' has no tokenizer.model (jaxlm reads "
+        raise ConfigError(f"config key '{key}': '{path}' has no tokenizer.model (jaxlm reads "
                           "text with the source's sentencepiece model)")
     return Source(path, kind, step, model, tok)
 
@@ -126,6 +127,28 @@ def resolve(cfg: Config) -> tuple[Config, Source | None]:
     pinned = os.path.abspath(src.path) + (f":{src.step}" if src.step is not None else "")
     return cfg.replace(model=model, data={"tokenizer": os.path.abspath(src.tokenizer)},
                        train={"init_from": pinned}), src
+
+
+def teacher(cfg: Config) -> tuple[Source, object] | None:
+    """`distill.teacher` of a resolved `cfg`: (its source, its ModelConfig, computing in the
+    student's dtype with the student's attention kernel, without remat), or None when off."""
+    if not cfg.distill.teacher:
+        return None
+    key = "distill.teacher"
+    src = source(cfg.distill.teacher, key)
+    if src.model.get("num_labels"):
+        raise ConfigError(f"config key '{key}': '{src.path}' is a classifier, not a language model")
+    if src.model["vocab_size"] != cfg.model.vocab_size:
+        raise ConfigError(f"config key '{key}': '{src.path}' has a vocabulary of "
+                          f"{src.model['vocab_size']} tokens and the student "
+                          f"{cfg.model.vocab_size}; distillation matches their distributions "
+                          "token by token, so both must read the same tokenizer")
+    model = {**src.model, "dtype": cfg.model.dtype, "remat": "none",
+             "attention": cfg.model.attention}
+    if model["max_seq_len"] < cfg.data.seq_len:
+        raise ConfigError(f"config key '{key}': the teacher's max_seq_len ({model['max_seq_len']})"
+                          f" is shorter than data.seq_len ({cfg.data.seq_len})")
+    return src, config_lib.from_dict({"model": model, "data": {"seq_len": cfg.data.seq_len}}).model
 
 
 def initial_params(src: Source, target):

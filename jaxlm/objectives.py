@@ -18,6 +18,11 @@ one, the same program bit for bit):
   normalised so the weights average 1 over the microbatch's weighted tokens, so the objective
   keeps the scale of the plain one (`loss.sequence_beta`, `loss.sequence_cap`).
 
+Distillation (`distill.teacher`, temperature T, `distill.alpha` a): the objective is
+a * T^2 * KL(teacher_T || student_T) + (1 - a) * cross-entropy, summed over the same weighted
+tokens, the teacher's logits computed in the same step under stop_gradient (train.py keeps its
+params in the state's frozen part).
+
 Classification (jaxlm/classify.py) has one example per row: its batch carries `labels` and
 `weights` per row ([B]) and the objective is the cross-entropy of the score head's logits, so
 its "loss" is nats per example.
@@ -96,6 +101,24 @@ def sequence_weights(nll_BL, w_BL, segment_ids_BL, beta: float, cap: float):
     return jax.lax.stop_gradient(relative_BL / jnp.maximum(norm, 1e-9))
 
 
+def distill_sums(graphdef, params, batch, teacher_params, *, teacher_graphdef,
+                 temperature: float, alpha: float, z_loss: float = 0.0):
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (+ z-loss), summed
+    over the weighted targets; the reported nll is the plain cross-entropy."""
+    args = (batch["inputs"], batch["segment_ids"], batch["positions"])
+    logits_BLV = nnx.merge(graphdef, params)(*args)
+    teacher_BLV = jax.lax.stop_gradient(nnx.merge(teacher_graphdef, teacher_params)(*args))
+    nll_BL, lse_BL = nll_and_lse(logits_BLV, batch["targets"])
+    w_BL = batch["weights"]
+    nll_sum = (nll_BL * w_BL).sum()
+    log_q_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32) / temperature, axis=-1)
+    log_p_BLV = jax.nn.log_softmax(teacher_BLV.astype(jnp.float32) / temperature, axis=-1)
+    kl_BL = (jnp.exp(log_p_BLV) * (log_p_BLV - log_q_BLV)).sum(-1)
+    objective = (alpha * temperature**2 * (kl_BL * w_BL).sum() + (1.0 - alpha) * nll_sum
+                 + z_loss * (jnp.square(lse_BL) * w_BL).sum())
+    return objective, (nll_sum, w_BL.sum())
+
+
 def class_logits(graphdef, params, batch):
     """float32 [B, C] logits of a classification batch (model.Decoder.classify)."""
     return nnx.merge(graphdef, params).classify(batch["inputs"], batch["segment_ids"],
@@ -109,10 +132,15 @@ def classify_sums(graphdef, params, batch):
     return nll_sum, (nll_sum, batch["weights"].sum())
 
 
-def for_config(cfg):
-    """(graphdef, params, batch) -> (objective sum, (nll sum, weight sum)) for the run `cfg`."""
+def for_config(cfg, teacher_graphdef=None):
+    """(graphdef, params, batch) -> (objective sum, (nll sum, weight sum)) for the run `cfg`;
+    with `teacher_graphdef` (distillation with alpha > 0), a fourth argument: the teacher's params."""
     if cfg.model.num_labels:
         return classify_sums
+    if teacher_graphdef is not None:
+        return functools.partial(distill_sums, teacher_graphdef=teacher_graphdef,
+                                 temperature=cfg.distill.temperature, alpha=cfg.distill.alpha,
+                                 z_loss=cfg.optim.z_loss)
     sequence = ((cfg.loss.sequence_beta, cfg.loss.sequence_cap)
                 if cfg.loss.sequence_weighting == "mean_loss" else None)
     return functools.partial(lm_sums, z_loss=cfg.optim.z_loss, focal_gamma=cfg.loss.focal_gamma,

@@ -14,6 +14,7 @@ iterator guarantees.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -55,8 +56,9 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: dict  # pure nested dict: what the optimizer trains (the model's params, or LoRA factors)
     opt_state: optax.OptState
-    # With LoRA, the frozen base params (not checkpointed: rebuilt from train.init_from or the
-    # seed); {} otherwise, which leaves the state and the step exactly as without the field.
+    # With LoRA, the frozen base params; with distill.teacher, the teacher's params under
+    # "teacher" (neither is checkpointed: they are rebuilt from train.init_from or the seed, and
+    # from distill.teacher); {} otherwise, which leaves the state and step as without the field.
     frozen: dict = dataclasses.field(default_factory=dict)
 
 
@@ -81,12 +83,25 @@ def abstract_state(cfg: Config, tx: optax.GradientTransformation):
         head, head_specs = _head(params), _head(specs)
         params = {**jax.eval_shape(lambda: _init_factors(cfg, frozen)), **head}
         specs = {**lora.factor_specs(params), **head_specs}
+    if (teacher := finetune.teacher(cfg)) is not None:
+        teacher_state = _split_abstract(teacher[1])[1]
+        frozen = {**frozen, TEACHER: nnx.to_pure_dict(teacher_state)}
+        frozen_specs = {**frozen_specs,
+                        TEACHER: nnx.to_pure_dict(nnx.get_partition_spec(teacher_state))}
     opt_state = jax.eval_shape(tx.init, params)
     step = jax.ShapeDtypeStruct((), jnp.int32)
     return graphdef, TrainState(step, params, opt_state, frozen), (specs, frozen_specs)
 
 
 HEAD = ("w_score_CD",)  # a classifier's score head (model.py): trained even under LoRA
+TEACHER = "teacher"  # the frozen part's entry holding distill.teacher's params
+
+
+@functools.lru_cache(maxsize=4)
+def _split_abstract(model_cfg):
+    """(graphdef, abstract params) of a model config. Cached: built once by abstract_state,
+    outside any mesh (NNX applies the logical sharding names under one), then reused."""
+    return nnx.split(model.abstract(model_cfg), nnx.Param)
 
 
 def _head(tree: dict) -> dict:
@@ -102,7 +117,8 @@ def model_params(cfg: Config, params: dict, frozen: dict) -> dict:
     """The params the model runs on: the trained ones, or the frozen base with its LoRA factors."""
     if not cfg.lora.rank:
         return params
-    return lora.combine(frozen, params, lora.scale(cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora))
+    base = {k: v for k, v in frozen.items() if k != TEACHER}
+    return lora.combine(base, params, lora.scale(cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora))
 
 
 def _seed_params(cfg: Config) -> dict:
@@ -136,7 +152,8 @@ def init_state(cfg: Config, tx, shardings: TrainState, params=None, frozen=None)
 
     def init(params, frozen):
         if cfg.lora.rank:
-            params = {**_init_factors(cfg, frozen), **_head(_seed_params(cfg))}
+            base = {k: v for k, v in frozen.items() if k != TEACHER}
+            params = {**_init_factors(cfg, base), **_head(_seed_params(cfg))}
         elif params is None:
             params = _seed_params(cfg)
         elif cfg.model.num_labels and not _head(params):  # a classifier from an LM: a new head
@@ -147,18 +164,25 @@ def init_state(cfg: Config, tx, shardings: TrainState, params=None, frozen=None)
 
 
 def frozen_base(cfg: Config, source, abstract: TrainState, shardings: TrainState) -> dict:
-    """With LoRA, the frozen base placed on the mesh in lora.base_dtype: train.init_from's
-    params, or the seed's; {} without LoRA."""
+    """The state's frozen part, placed on the mesh: with LoRA the base in lora.base_dtype
+    (train.init_from's params, or the seed's), with distill.teacher the teacher's params; {}
+    with neither."""
+    frozen = {}
+    if (teacher := finetune.teacher(cfg)) is not None:
+        frozen[TEACHER] = finetune.initial_params(
+            teacher[0], with_shardings(abstract.frozen[TEACHER], shardings.frozen[TEACHER]))
     if not cfg.lora.rank:
-        return {}
+        return frozen
+    target = {k: v for k, v in abstract.frozen.items() if k != TEACHER}
+    target_shardings = {k: v for k, v in shardings.frozen.items() if k != TEACHER}
     if source is not None:
-        return finetune.initial_params(source, with_shardings(abstract.frozen, shardings.frozen))
+        return {**frozen, **finetune.initial_params(source, with_shardings(target, target_shardings))}
 
     def seed():
         base = {k: v for k, v in _seed_params(cfg).items() if k not in HEAD}
         return jax.tree.map(lambda x: x.astype(base_dtype(cfg)), base)
 
-    return jax.jit(seed, out_shardings=shardings.frozen)()
+    return {**frozen, **jax.jit(seed, out_shardings=target_shardings)()}
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -169,10 +193,13 @@ def make_train_step(cfg: Config, graphdef, tx):
     microbatches inside the step, then one optimizer update."""
     accum = cfg.optim.grad_accum_steps
     lr_at = optim.schedule(cfg.optim, cfg.train.steps)
-    objective = objectives.for_config(cfg)
+    teacher = finetune.teacher(cfg) if cfg.distill.alpha > 0 else None
+    objective = objectives.for_config(
+        cfg, None if teacher is None else _split_abstract(teacher[1])[0])
 
     def loss(params, frozen, batch):
-        return objective(graphdef, model_params(cfg, params, frozen), batch)
+        extra = () if teacher is None else (frozen[TEACHER],)  # distillation: its forward too
+        return objective(graphdef, model_params(cfg, params, frozen), batch, *extra)
 
     grad_fn = jax.grad(loss, has_aux=True)  # the trained params only: never the frozen base
 
@@ -345,14 +372,15 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
             print(f"resumed from step {start}", flush=True)
         elif source is not None and not cfg.lora.rank:
             params = finetune.initial_params(source, with_shardings(abstract.params, shardings.params))
-            state = init_state(cfg, tx, shardings, params)
+            state = init_state(cfg, tx, shardings, params, frozen)
         else:
             state = init_state(cfg, tx, shardings, frozen=frozen)
         if source is not None and not start:
             print(f"initialized from {source.path}" + (f" (step {source.step})" if source.step
                                                         is not None else " (HF)"), flush=True)
         if cfg.lora.rank and jax.process_index() == 0:
-            trained, total = lora.count(state.params), lora.count(state.frozen)
+            trained = lora.count(state.params)
+            total = lora.count({k: v for k, v in state.frozen.items() if k != TEACHER})
             print(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: {trained:,} trainable "
                   f"parameters, {total:,} frozen ({100 * trained / total:.2f}%)", flush=True)
         train_step = jit_train_step(cfg, graphdef, tx, shardings, batch_sharding)
