@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import grain
 import jax
@@ -98,16 +95,9 @@ def prepared_dir(cfg: Config, tok: tokenizer.Tokenizer) -> str:
     """Where the classification data of `cfg` is prepared: named by a hash of all that shapes
     the arrays (file contents, labels, tokenizer, length and row rules)."""
     d = finetune_data.effective(cfg.data)
-    h = hashlib.sha256(f"v{FORMAT_VERSION}|{','.join(labels(cfg))}|{d.seq_len}|{d.too_long}|"
-                       f"{d.bad_rows}".encode())
-    for key, pattern in (("data.files", d.files), ("data.eval_files", d.eval_files)):
-        for path in sft.jsonl_files(pattern, key) if pattern else []:
-            h.update(f"|{key}|{os.path.basename(path)}|".encode())
-            with open(path, "rb") as f:
-                h.update(hashlib.sha256(f.read()).digest())
-    with open(tok.path, "rb") as f:
-        h.update(hashlib.sha256(f.read()).digest())
-    return os.path.join(datasets.data_dir(d), CLASSIFY, f"{d.local_name}-{h.hexdigest()[:12]}")
+    rules = f"v{FORMAT_VERSION}|{','.join(labels(cfg))}|{d.seq_len}|{d.too_long}|{d.bad_rows}"
+    return os.path.join(datasets.data_dir(d), CLASSIFY,
+                        f"{d.local_name}-{sft.inputs_hash(rules, d, tok)}")
 
 
 def _read_rows(paths: list[str], d: DataConfig, names: dict[str, int], counts: dict):
@@ -120,12 +110,7 @@ def _read_rows(paths: list[str], d: DataConfig, names: dict[str, int], counts: d
                 try:
                     yield parse_row(line, names)
                 except ValueError as e:
-                    if d.bad_rows == "error":
-                        raise ClassifyError(f"{path}:{lineno}: {e} (set data.bad_rows=skip to "
-                                            "count and skip such rows)") from None
-                    seen = counts["malformed"].setdefault(str(e), {"rows": 0, "first": None})
-                    seen["rows"] += 1
-                    seen["first"] = seen["first"] or f"{path}:{lineno}"
+                    sft.bad_row(d, counts, str(e), f"{path}:{lineno}", ClassifyError)
 
 
 _PREPARED: dict = {}  # (config, tokenizer path) -> prepared dir, for this process
@@ -154,9 +139,8 @@ def prepare(cfg: Config, tok: tokenizer.Tokenizer) -> dict:
                "labels": list(names), "tokenizer": tok.path, "seq_len": d.seq_len,
                "too_long": d.too_long, "rows": counts["rows"], "malformed": counts["malformed"],
                "splits": {}}
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out))
-    try:
+
+    def build(staging):
         for split, rows in ((d.train_split, train_rows), (d.eval_split, eval_rows)):
             kept, classes, truncated, dropped = [], [], 0, 0
             for text, label in rows:
@@ -181,16 +165,9 @@ def prepare(cfg: Config, tok: tokenizer.Tokenizer) -> dict:
                 "examples": len(kept), "truncated": truncated, "dropped_too_long": dropped,
                 "tokens": int(offsets[-1]),
                 "per_label": {n: int(c) for n, c in zip(names, per_label, strict=True)}}
-        with open(os.path.join(staging, datasets.SUMMARY_FILE), "w") as f:
-            json.dump(summary, f, indent=2)
-        try:
-            os.rename(staging, out)  # atomic: a reader sees the whole directory or none
-        except OSError:
-            if not os.path.isfile(summary_path):  # another process won the race: keep theirs
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return summary
+        return summary
+
+    return sft.publish(out, build)
 
 
 def summary_line(summary: dict) -> str:

@@ -159,8 +159,14 @@ def prepared_dir(cfg: DataConfig, tok: tokenizer.Tokenizer) -> str:
     """Where the SFT data of `cfg`, tokenized by `tok`, is prepared: named by a hash of
     everything that shapes the arrays (file contents, tokenizer, template, lengths, rules)."""
     cfg = finetune_data.effective(cfg)
-    h = hashlib.sha256(f"v{FORMAT_VERSION}|{cfg.chat_template}|{cfg.seq_len}|{cfg.too_long}|"
-                       f"{cfg.bad_rows}".encode())
+    rules = f"v{FORMAT_VERSION}|{cfg.chat_template}|{cfg.seq_len}|{cfg.too_long}|{cfg.bad_rows}"
+    return os.path.join(datasets.data_dir(cfg), SFT, f"{cfg.local_name}-{inputs_hash(rules, cfg, tok)}")
+
+
+def inputs_hash(rules: str, cfg: DataConfig, tok: tokenizer.Tokenizer) -> str:
+    """12 hex digits of a hash of `rules`, the contents of data.files and data.eval_files, and
+    the tokenizer: what names a prepared directory (SFT's, classification's)."""
+    h = hashlib.sha256(rules.encode())
     for key, pattern in (("data.files", cfg.files), ("data.eval_files", cfg.eval_files)):
         for path in jsonl_files(pattern, key) if pattern else []:
             h.update(f"|{key}|{os.path.basename(path)}|".encode())
@@ -168,7 +174,7 @@ def prepared_dir(cfg: DataConfig, tok: tokenizer.Tokenizer) -> str:
                 h.update(hashlib.sha256(f.read()).digest())
     with open(tok.path, "rb") as f:
         h.update(hashlib.sha256(f.read()).digest())
-    return os.path.join(datasets.data_dir(cfg), SFT, f"{cfg.local_name}-{h.hexdigest()[:12]}")
+    return h.hexdigest()[:12]
 
 
 def _read_rows(paths: list[str], cfg: DataConfig, counts: dict):
@@ -183,14 +189,40 @@ def _read_rows(paths: list[str], cfg: DataConfig, counts: dict):
                     parts = render(json.loads(line), cfg.chat_template)
                 except (ValueError, RecursionError) as e:
                     reason = "not JSON" if isinstance(e, json.JSONDecodeError) else str(e)
-                    if cfg.bad_rows == "error":
-                        raise SFTError(f"{path}:{lineno}: {reason} (set data.bad_rows=skip to "
-                                       "count and skip such rows)") from None
-                    seen = counts["malformed"].setdefault(reason, {"rows": 0, "first": None})
-                    seen["rows"] += 1
-                    seen["first"] = seen["first"] or f"{path}:{lineno}"
+                    bad_row(cfg, counts, reason, f"{path}:{lineno}", SFTError)
                     continue
                 yield line.strip(), parts
+
+
+def bad_row(cfg: DataConfig, counts: dict, reason: str, where: str, error: type) -> None:
+    """A malformed row at `where` (file:line): `error` naming it, or (data.bad_rows=skip)
+    counted under its reason in counts["malformed"], with the first place it was seen."""
+    if cfg.bad_rows == "error":
+        raise error(f"{where}: {reason} (set data.bad_rows=skip to count and skip such rows)")
+    seen = counts["malformed"].setdefault(reason, {"rows": 0, "first": None})
+    seen["rows"] += 1
+    seen["first"] = seen["first"] or where
+
+
+def publish(out: str, build) -> dict:
+    """Make the prepared directory `out` whole or not at all: `build(staging)` writes its files
+    into a staging directory beside it and returns the summary, which is written last as
+    SUMMARY_FILE; then the directory is renamed into place (another process that got there
+    first wins, and its copy is kept)."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out))
+    try:
+        summary = build(staging)
+        with open(os.path.join(staging, SUMMARY_FILE), "w") as f:
+            json.dump(summary, f, indent=2)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if not os.path.isfile(os.path.join(out, SUMMARY_FILE)):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
 
 
 def _write_split(directory: str, split: str, examples: list) -> None:
@@ -228,9 +260,8 @@ def prepare(cfg: DataConfig, tok: tokenizer.Tokenizer) -> dict:
     summary = {"format": FORMAT_VERSION, "files": cfg.files, "eval_files": cfg.eval_files,
                "tokenizer": tok.path, "seq_len": cfg.seq_len, "too_long": cfg.too_long,
                "rows": counts["rows"], "malformed": counts["malformed"], "splits": {}}
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out))
-    try:
+
+    def build(staging):
         for split, rows in ((cfg.train_split, train_rows), (cfg.eval_split, eval_rows)):
             examples, truncated, dropped = [], 0, 0
             for _, parts in rows:
@@ -249,16 +280,9 @@ def prepare(cfg: DataConfig, tok: tokenizer.Tokenizer) -> dict:
                 "examples": len(examples), "truncated": truncated, "dropped_too_long": dropped,
                 "tokens": int(sum(len(t) for t, _ in examples)),
                 "loss_tokens": int(sum(int(m.sum()) for _, m in examples))}
-        with open(os.path.join(staging, SUMMARY_FILE), "w") as f:
-            json.dump(summary, f, indent=2)
-        try:
-            os.rename(staging, out)  # atomic: a reader sees the whole directory or none
-        except OSError:
-            if not os.path.isfile(summary_path):  # another process won the race: keep theirs
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return summary
+        return summary
+
+    return publish(out, build)
 
 
 def summary_line(summary: dict) -> str:
