@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm import classify, data, datasets, objectives, sharding
-from jaxlm.config import Config
+from jaxlm.config import Config, ConfigError
 
 # Beyond this many bytes of validation text the gzip/xz reference is skipped: xz -9e runs at
 # about 1 MB/s, and a big dataset's final line should not stall the end of training.
@@ -68,8 +68,8 @@ def evaluate(cfg: Config, graphdef, params, tok, mesh, eval_step=None, texts=Non
     example count and the confusion matrix [true, predicted] (jaxlm/classify.py)."""
     num_labels = cfg.model.num_labels
     if num_labels and texts is not None:
-        raise ValueError("a classifier is evaluated on its labelled validation split, not on "
-                         "text files")
+        raise ConfigError(f"a classifier (model.num_labels={num_labels}) is evaluated on its "
+                          "labelled validation split, not on text files (--files)")
     if eval_step is None:
         eval_step = jax.jit(make_eval_step(graphdef, num_labels))
     if texts is None:
