@@ -70,6 +70,7 @@ def get_config() -> config_dict.ConfigDict:
     o.z_loss = 0.0  # weight of the z-loss, mean(logsumexp(logits)^2); 0 disables it
 
     c.loss = w = config_dict.ConfigDict()  # extra terms of the LM objective (jaxlm/objectives.py)
+    w.attention_entropy = 0.0  # lambda x mean attention entropy: > 0 concentrates, < 0 spreads (xla kernel)
     w.focal_gamma = 0.0  # token focal loss: cross-entropy x (1 - p)^gamma; 0 = plain cross-entropy
     w.sequence_weighting = ""  # per packed document: "" = off | mean_loss (weight harder documents more)
     w.sequence_beta = 1.0  # sequence weighting: weight ~ (document mean loss / batch mean)^beta

@@ -154,10 +154,11 @@ def masked_attention(q_BLHK, k_BSGK, v_BSGK, allowed_BLS):
 BLOCK = 128
 
 
-def _head_attention(q_RLK, k_SK, v_SK, seg_L):
-    """One kv head of one batch row: [R, L, K] from queries [R, L, K], keys/values [S, K]."""
+def _head_attention(q_RLK, k_SK, v_SK, seg_L, entropy=False):
+    """One kv head of one batch row: [R, L, K] from queries [R, L, K], keys/values [S, K]. With
+    `entropy`, also each query's attention entropy [R, L] (float32), from the same blocks."""
     R, L, K = q_RLK.shape
-    outs = []
+    outs, entropies = [], []
     for q_lo in range(0, L, BLOCK):
         q_hi = min(q_lo + BLOCK, L)
         scores_RQS = jnp.einsum("RQK,SK->RQS", q_RLK[:, q_lo:q_hi], k_SK[:q_hi],
@@ -166,12 +167,19 @@ def _head_attention(q_RLK, k_SK, v_SK, seg_L):
         if seg_L is not None:
             allowed_QS &= seg_L[q_lo:q_hi, None] == seg_L[None, :q_hi]
         # Every query sees at least itself (causal diagonal, own segment): no row is all -inf.
-        probs_RQS = jax.nn.softmax(jnp.where(allowed_QS, scores_RQS, -jnp.inf), axis=-1)
+        masked_RQS = jnp.where(allowed_QS, scores_RQS, -jnp.inf)
+        probs_RQS = jax.nn.softmax(masked_RQS, axis=-1)
         outs.append(jnp.einsum("RQS,SK->RQK", probs_RQS.astype(v_SK.dtype), v_SK[:q_hi]))
-    return jnp.concatenate(outs, axis=1)
+        if entropy:
+            # -sum p log p = logsumexp(s) - sum p s over the allowed keys (p is 0 elsewhere).
+            lse_RQ = jax.nn.logsumexp(masked_RQS, axis=-1)
+            entropies.append(lse_RQ - jnp.sum(probs_RQS * jnp.where(allowed_QS, scores_RQS, 0.0),
+                                              axis=-1))
+    out_RLK = jnp.concatenate(outs, axis=1)
+    return (out_RLK, jnp.concatenate(entropies, axis=1)) if entropy else out_RLK
 
 
-def _blockwise_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, per_head):
+def _blockwise_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, per_head, entropy=False):
     B, L, H, K = q_BLHK.shape
     G = k_BSGK.shape[2]
     q_NRLK = q_BLHK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4).reshape(B * G, H // G, L, K)
@@ -180,32 +188,39 @@ def _blockwise_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, per_head):
     arrays = (q_NRLK, k_NSK, v_NSK)
     if segment_ids_BL is not None:
         arrays += (jnp.repeat(segment_ids_BL, G, axis=0),)
-    head = jax.checkpoint(lambda q, k, v, seg=None: _head_attention(q, k, v, seg))
+    head = jax.checkpoint(lambda q, k, v, seg=None: _head_attention(q, k, v, seg, entropy))
     if per_head:
         # batch_size=1 vmaps each step over a batch of one, so that the score matmuls have a
         # batch dimension and the save_dots remat policy does not keep them.
-        out_NRLK = jax.lax.map(lambda xs: head(*xs), arrays, batch_size=1)
+        result = jax.lax.map(lambda xs: head(*xs), arrays, batch_size=1)
     else:
-        out_NRLK = jax.vmap(head)(*arrays)
-    return out_NRLK.reshape(B, G, H // G, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
+        result = jax.vmap(head)(*arrays)
+    out_NRLK, entropy_NRL = result if entropy else (result, None)
+    out_BLHK = out_NRLK.reshape(B, G, H // G, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
+    if not entropy:
+        return out_BLHK
+    return out_BLHK, entropy_NRL.reshape(B, G, H // G, L).transpose(0, 3, 1, 2).reshape(B, L, H)
 
 
-def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
-    """The `xla` implementation: blockwise attention in plain jnp (see above), run per shard."""
+def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None, entropy=False):
+    """The `xla` implementation: blockwise attention in plain jnp (see above), run per shard.
+    With `entropy`, returns (output, float32 entropy [B, L, H] of each query's distribution)."""
     if jax.sharding.get_abstract_mesh().manual_axes:
         # Inside the pipeline's shard_map: batched, and left to XLA to split over the other mesh
         # axes (splash, which must run per shard, nests a shard_map there instead).
-        return _blockwise_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, per_head=False)
+        return _blockwise_one_shard(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, per_head=False,
+                                    entropy=entropy)
     per_head = platform() == "cpu"
-    return _per_shard(functools.partial(_blockwise_one_shard, per_head=per_head),
-                      q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
+    return _per_shard(functools.partial(_blockwise_one_shard, per_head=per_head, entropy=entropy),
+                      q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, entropy=entropy)
 
 
-def _per_shard(local_fn, q_BLHK, k_BSGK, v_BSGK, segment_ids_BL):
+def _per_shard(local_fn, q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, entropy=False):
     """`local_fn(q, k, v, segment_ids)` run by each device on its batch rows and heads (whole
-    sequences), under `shard_map` over every mesh axis not already manual; plainly without a mesh."""
+    sequences), under `shard_map` over every mesh axis not already manual; plainly without a mesh.
+    With `entropy`, `local_fn` also returns a [B, L, H] array, placed like the queries."""
     specs = sharding.current_specs((("batch", None, "heads", None), ("batch", None, "kv_heads", None),
-                                    ("batch", None)))
+                                    ("batch", None), ("batch", None, "heads")))
     mesh = jax.sharding.get_abstract_mesh()
     axes = set() if specs is None else set(mesh.axis_names) - set(mesh.manual_axes)
     if not axes:
@@ -216,7 +231,8 @@ def _per_shard(local_fn, q_BLHK, k_BSGK, v_BSGK, segment_ids_BL):
         fn = lambda q, k, v: local_fn(q, k, v, None)  # noqa: E731
     else:
         args, in_specs = args + (segment_ids_BL,), in_specs + (specs[2],)
-    return jax.shard_map(fn, in_specs=in_specs, out_specs=specs[0], axis_names=axes,
+    out_specs = (specs[0], specs[3]) if entropy else specs[0]
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, axis_names=axes,
                          check_vma=False)(*args)
 
 
@@ -265,10 +281,17 @@ def splash_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
     return _per_shard(_splash_one_shard, q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
 
 
-def attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None, *, implementation: str = "xla"):
+def attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None, *, implementation: str = "xla",
+              entropy: bool = False):
+    """Attention output [B, L, H, K]; with `entropy` (loss.attention_entropy), the pair (output,
+    float32 entropy [B, L, H] of each query's attention distribution), which only `xla` gives."""
     match resolve(implementation, q_BLHK.dtype):
         case "xla":
-            return xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
+            return xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, entropy=entropy)
+        case choice if entropy:
+            raise ConfigError(f"config key 'loss.attention_entropy' needs the 'xla' attention "
+                              f"kernel, which gives the attention entropy block by block; "
+                              f"model.attention resolves to {choice!r} here: set model.attention=xla")
         case "cudnn":
             return dot_product_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, implementation="cudnn")
         case "splash":

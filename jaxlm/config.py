@@ -282,6 +282,13 @@ def _check_values(cfg: Config) -> None:
     if cfg.distill.teacher and cfg.model.num_labels:
         raise ConfigError("config key 'distill.teacher': distillation trains a language model; "
                           "a classifier (model.num_labels) has no token distribution to match")
+    if cfg.loss.attention_entropy and cfg.model.attention in ("cudnn", "splash"):
+        raise ConfigError(f"config key 'loss.attention_entropy' needs the 'xla' attention kernel "
+                          f"(it gives the entropy block by block); model.attention is "
+                          f"{cfg.model.attention!r}: set model.attention=xla")
+    if cfg.loss.attention_entropy and cfg.mesh.stage > 1:
+        raise ConfigError("config key 'loss.attention_entropy' is not supported with pipeline "
+                          f"stages (mesh.stage={cfg.mesh.stage}); use data, fsdp or tensor axes")
     if cfg.loss.sequence_cap < 1.0:
         raise ConfigError(f"config key 'loss.sequence_cap' must be >= 1, got {cfg.loss.sequence_cap}")
 

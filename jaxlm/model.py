@@ -69,6 +69,13 @@ class KVCache:
         return KVCache(k, v, jnp.zeros((), jnp.int32), start_B, fresh=True)
 
 
+def real_queries(segment_ids_BL, shape):
+    """float32 [B, L]: 1 at a real token (segment id not 0, or every token without segments)."""
+    if segment_ids_BL is None:
+        return jnp.ones(shape, jnp.float32)
+    return (segment_ids_BL != 0).astype(jnp.float32)
+
+
 def head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.d_model // cfg.num_heads
 
@@ -141,9 +148,11 @@ class Attention(nnx.Module):
         return attention_lib.probabilities(*self._rotated_qk(x_BLD, positions_BL), segment_ids_BL)
 
     def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache: KVCache | None = None,
-                 layer=0):
-        """(output, cache): with a `cache`, the new keys and values are written into its row
-        `layer` at slot `cache.index` and the updated cache is returned; without one, None."""
+                 layer=0, entropy: bool = False):
+        """(output, cache, entropy sum): with a `cache`, the new keys and values are written into
+        its row `layer` at slot `cache.index` and the updated cache is returned; without one,
+        None. With `entropy`, the float32 sum over batch, heads and real queries (segment id
+        not 0) of each query's attention entropy (loss.attention_entropy); else None."""
         dt = self.dtype
         q_BLHK = _matmul("BLD,HKD->BLHK", x_BLD, self.w_q_HKD, dt)
         k_BLGK = _matmul("BLD,GKD->BLGK", x_BLD, self.w_k_GKD, dt)
@@ -156,8 +165,14 @@ class Attention(nnx.Module):
             # Training, scoring and prefill: the kernel over the tokens given (a prefill writes
             # the whole prompt into an empty cache, so nothing else is there to attend to).
             out_BLHK = attention_lib.attention(
-                q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, implementation=self.implementation
-            )
+                q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, implementation=self.implementation,
+                entropy=entropy)
+        entropy_sum = None
+        if entropy:
+            if cache is not None:
+                raise ValueError("the attention entropy is a training term: not with a KV cache")
+            out_BLHK, entropy_BLH = out_BLHK
+            entropy_sum = (entropy_BLH * real_queries(segment_ids_BL, x_BLD.shape[:2])[..., None]).sum()
         if cache is not None:
             at = (layer, 0, cache.index, 0, 0)
             k_NBTGK = jax.lax.dynamic_update_slice(cache.k_NBTGK, k_BLGK.astype(dt)[None], at)
@@ -180,7 +195,7 @@ class Attention(nnx.Module):
                                     | (key_segment_BT[:, None, :] == segment_ids_BL[:, :, None]))
                 out_BLHK = attention_lib.masked_attention(q_BLHK, k_BTGK, v_BTGK, allowed_BLS)
         out_BLHK = checkpoint_name(out_BLHK, "attn_out")
-        return _matmul("BLHK,DHK->BLD", out_BLHK, self.w_o_DHK, dt), cache
+        return _matmul("BLHK,DHK->BLD", out_BLHK, self.w_o_DHK, dt), cache, entropy_sum
 
 
 class MLP(nnx.Module):
@@ -213,12 +228,13 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache: KVCache | None = None,
-                 layer=0):
-        attn_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL, cache,
-                                    layer)
+                 layer=0, entropy: bool = False):
+        """(output, cache, attention entropy sum or None): see Attention.__call__."""
+        attn_BLD, cache, entropy_sum = self.attn(self.attn_norm(x_BLD), positions_BL,
+                                                 segment_ids_BL, cache, layer, entropy)
         h_BLD = constrain(x_BLD + attn_BLD, ACTIVATION)
         out_BLD = h_BLD + self.mlp(self.mlp_norm(h_BLD))
-        return constrain(out_BLD, ACTIVATION), cache
+        return constrain(out_BLD, ACTIVATION), cache, entropy_sum
 
     def attention_probabilities(self, x_BLD, positions_BL, segment_ids_BL):
         return self.attn.probabilities(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
@@ -279,7 +295,8 @@ class Decoder(nnx.Module):
             self.w_out_VD = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, cfg)
 
     def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, *,
-                 cache: KVCache | None = None, last_only: bool = False, layers=None):
+                 cache: KVCache | None = None, last_only: bool = False, layers=None,
+                 attention_entropy: bool = False):
         """Logits for `tokens_BL`. Packed rows pass `segment_ids_BL` (attention stays within a
         segment) and `positions_BL` (RoPE positions restarting at 0 in each segment).
 
@@ -287,7 +304,15 @@ class Decoder(nnx.Module):
         `cache.index` (jaxlm/generate.py). `last_only` computes the logits of the last position
         only ([B, 1, V]): a prefill needs no more, and [B, L, V] would be the largest buffer.
         `layers`, a list of one State per layer (`unstack_layers`), runs the blocks from those
-        instead of the stacked params, unrolled (see `unstack_layers` for why)."""
+        instead of the stacked params, unrolled (see `unstack_layers` for why).
+
+        `attention_entropy` (training, loss.attention_entropy) returns (logits, (entropy sum,
+        count)): every layer's per-query attention entropies summed over layers, heads and real
+        queries, and how many there are (their mean is sum / count)."""
+        if attention_entropy:
+            x_BLD, entropy = self._hidden(self.embed(tokens_BL), segment_ids_BL, positions_BL,
+                                          None, entropy=True)
+            return self.project(x_BLD), entropy
         x_BLD, cache = self._hidden(self.embed(tokens_BL), segment_ids_BL, positions_BL, cache,
                                     layers)
         if last_only:
@@ -295,22 +320,26 @@ class Decoder(nnx.Module):
         logits_BLV = self.project(x_BLD)
         return logits_BLV if cache is None else (logits_BLV, cache)
 
-    def classify(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+    def classify(self, tokens_BL, segment_ids_BL=None, positions_BL=None, *,
+                 attention_entropy: bool = False):
         """float32 class logits [B, C]: the score head on the final hidden state of each row's
         last real token, the rightmost one whose segment id is not 0 (so left- and right-padded
         rows pool the same token; transformers pools the rightmost non-pad id). Without
-        segment ids every token is real and the last position is pooled."""
+        segment ids every token is real and the last position is pooled. `attention_entropy`
+        returns (logits, (entropy sum, count)) as `__call__` does."""
         if not self.cfg.num_labels:
             raise ValueError("this model has no score head (model.num_labels is 0)")
-        x_BLD, _ = self._hidden(self.embed(tokens_BL), segment_ids_BL, positions_BL, None)
+        x_BLD, entropy = self._hidden(self.embed(tokens_BL), segment_ids_BL, positions_BL, None,
+                                      entropy=attention_entropy)
         B, L = tokens_BL.shape
         if segment_ids_BL is None:
             last_B = jnp.full((B,), L - 1, jnp.int32)
         else:
             last_B = L - 1 - jnp.argmax((segment_ids_BL != 0)[:, ::-1], axis=1)
         x_BD = jnp.take_along_axis(x_BLD, last_B[:, None, None], axis=1)[:, 0]
-        return _matmul("BD,CD->BC", x_BD, self.w_score_CD, jnp.dtype(self.cfg.dtype),
-                       preferred_element_type=jnp.float32)
+        logits_BC = _matmul("BD,CD->BC", x_BD, self.w_score_CD, jnp.dtype(self.cfg.dtype),
+                            preferred_element_type=jnp.float32)
+        return (logits_BC, entropy) if attention_entropy else logits_BC
 
     def attention_maps(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
         """float32 attention probabilities [N, B, H, L, S] of every layer, computed by the
@@ -324,7 +353,7 @@ class Decoder(nnx.Module):
         for i in range(self.cfg.num_layers):
             block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
             maps.append(block.attention_probabilities(x_BLD, positions_BL, segment_ids_BL))
-            x_BLD, _ = block(x_BLD, positions_BL, segment_ids_BL)
+            x_BLD = block(x_BLD, positions_BL, segment_ids_BL)[0]
         return jnp.stack(maps)
 
     def embed(self, tokens_BL):
@@ -339,10 +368,17 @@ class Decoder(nnx.Module):
         """Everything after the embedding lookup: blocks, final norm, output projection."""
         return self.project(self._hidden(x_BLD, segment_ids_BL, positions_BL, None)[0])
 
-    def _hidden(self, x_BLD, segment_ids_BL, positions_BL, cache, layers=None):
-        """(final-normed hidden states, cache): the blocks and the final norm."""
+    def _hidden(self, x_BLD, segment_ids_BL, positions_BL, cache, layers=None, entropy=False):
+        """(final-normed hidden states, cache): the blocks and the final norm. With `entropy`,
+        (hidden states, (attention entropy sum, count)) instead."""
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
+        if entropy:
+            x_BLD, entropy_sum = self._run_blocks(x_BLD, positions_BL, segment_ids_BL, None,
+                                                  entropy=True)
+            count = (self.cfg.num_layers * self.cfg.num_heads
+                     * real_queries(segment_ids_BL, x_BLD.shape[:2]).sum())
+            return self.final_norm(x_BLD), (entropy_sum, count)
         x_BLD, cache = self._run_blocks(x_BLD, positions_BL, segment_ids_BL, cache, layers)
         return self.final_norm(x_BLD), cache
 
@@ -357,17 +393,23 @@ class Decoder(nnx.Module):
                              preferred_element_type=jnp.float32)
         return constrain(logits_BLV, ("batch", None, "vocab"))
 
-    def _run_blocks(self, x_BLD, positions_BL, segment_ids_BL, cache, layers=None):
+    def _run_blocks(self, x_BLD, positions_BL, segment_ids_BL, cache, layers=None,
+                    entropy=False):
+        """(x, cache) after every block; with `entropy` (no cache), (x, the layers' summed
+        attention entropy)."""
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(x_BLD, layer, i, positions_BL, segment_ids_BL, kv=None):
-            """Block i, with the whole cache's (k, v) when decoding. Returns (x, (k, v) or None)."""
+            """Block i, with the whole cache's (k, v) when decoding. Returns (x, (k, v) or None,
+            the block's attention entropy sum or None)."""
             block = nnx.merge(graphdef, layer)
             layer_cache = None if kv is None else dataclasses.replace(cache, k_NBTGK=kv[0],
                                                                       v_NBTGK=kv[1])
-            x_BLD, layer_cache = block(x_BLD, positions_BL, segment_ids_BL, layer_cache, i)
-            return x_BLD, None if kv is None else (layer_cache.k_NBTGK, layer_cache.v_NBTGK)
+            x_BLD, layer_cache, entropy_sum = block(x_BLD, positions_BL, segment_ids_BL,
+                                                    layer_cache, i, entropy)
+            kv = None if kv is None else (layer_cache.k_NBTGK, layer_cache.v_NBTGK)
+            return x_BLD, kv, entropy_sum
 
         if cfg.remat != "none" and cache is None:
             # prevent_cse only matters outside scan; inside it would block useful optimizations.
@@ -377,30 +419,40 @@ class Decoder(nnx.Module):
 
         def run_layers(x_BLD, layers, positions_BL, segment_ids_BL, kv=None):
             """Every layer of `layers` (stacked on axis 0, or a list) in order, scanned or
-            unrolled, carrying the cache's (k, v) when given. Returns (x, (k, v) or None)."""
+            unrolled, carrying the cache's (k, v) when given. Returns (x, (k, v) or None,
+            summed attention entropy or None)."""
             if cfg.scan_layers and not isinstance(layers, list):
                 def step(carry, xs):
-                    return body(carry[0], *xs, positions_BL, segment_ids_BL, carry[1]), None
+                    x_BLD, kv, entropy_sum = body(carry[0], *xs, positions_BL, segment_ids_BL,
+                                                  carry[1])
+                    return (x_BLD, kv), entropy_sum
 
                 n = jax.tree.leaves(layers)[0].shape[0]
-                return jax.lax.scan(step, (x_BLD, kv), (layers, jnp.arange(n)))[0]
+                (x_BLD, kv), entropy_N = jax.lax.scan(step, (x_BLD, kv), (layers, jnp.arange(n)))
+                return x_BLD, kv, None if entropy_N is None else entropy_N.sum()
             n = len(layers) if isinstance(layers, list) else jax.tree.leaves(layers)[0].shape[0]
+            total = None
             for i in range(n):
                 layer = layers[i] if isinstance(layers, list) else jax.tree.map(
                     lambda a, i=i: a[i], layers)
-                x_BLD, kv = body(x_BLD, layer, i, positions_BL, segment_ids_BL, kv)
-            return x_BLD, kv
+                x_BLD, kv, entropy_sum = body(x_BLD, layer, i, positions_BL, segment_ids_BL, kv)
+                if entropy_sum is not None:
+                    total = entropy_sum if total is None else total + entropy_sum
+            return x_BLD, kv, total
 
         if pipeline.num_stages() > 1:
             if cache is not None:
                 raise ValueError("decoding with a KV cache runs without pipeline stages")
+            if entropy:
+                raise ValueError("loss.attention_entropy runs without pipeline stages")
             return pipeline.run(lambda *a: run_layers(*a)[0], x_BLD, stacked, positions_BL,
                                 segment_ids_BL), None
         layers = stacked if layers is None else layers
         if cache is None:
-            return run_layers(x_BLD, layers, positions_BL, segment_ids_BL)[0], None
-        x_BLD, (k_NBTGK, v_NBTGK) = run_layers(x_BLD, layers, positions_BL, segment_ids_BL,
-                                               (cache.k_NBTGK, cache.v_NBTGK))
+            x_BLD, _, total = run_layers(x_BLD, layers, positions_BL, segment_ids_BL)
+            return x_BLD, total
+        x_BLD, (k_NBTGK, v_NBTGK), _ = run_layers(x_BLD, layers, positions_BL, segment_ids_BL,
+                                                  (cache.k_NBTGK, cache.v_NBTGK))
         k_NBTGK, v_NBTGK = constrain(k_NBTGK, CACHE_AXES), constrain(v_NBTGK, CACHE_AXES)
         return x_BLD, KVCache(k_NBTGK, v_NBTGK, cache.index + x_BLD.shape[1], cache.start_B)
 

@@ -23,6 +23,15 @@ a * T^2 * KL(teacher_T || student_T) + (1 - a) * cross-entropy, summed over the 
 tokens, the teacher's logits computed in the same step under stop_gradient (train.py keeps its
 params in the state's frozen part).
 
+The attention-entropy regulariser (`loss.attention_entropy` = lambda) adds lambda times the mean,
+over layers, heads and real query positions, of the entropy of each query's attention
+distribution (within its segment, causal): lambda > 0 pushes the attention to concentrate,
+lambda < 0 to spread. The `xla` kernel computes the entropies block by block from the same scores
+as its output, under its checkpoint, so nothing of size [L, S] is kept for the backward pass
+(jaxlm/attention.py). The mean is the microbatch's; with gradient accumulation each microbatch's
+mean counts by its target weight. The objectives then return a third aux element, the
+entropies' (sum, count), which the loop logs as the metric `attention_entropy`.
+
 Classification (jaxlm/classify.py) has one example per row: its batch carries `labels` and
 `weights` per row ([B]) and the objective is the cross-entropy of the score head's logits, so
 its "loss" is nats per example.
@@ -56,12 +65,34 @@ def nll_and_lse(logits_BLV, targets_BL):
     return lse_BL - target_logit_BL, lse_BL
 
 
+def _forward(graphdef, params, batch, attention_entropy: float, classify: bool = False):
+    """(logits, attention entropy (sum, count) or None) of the model on the batch."""
+    model = nnx.merge(graphdef, params)
+    fn = model.classify if classify else model
+    args = (batch["inputs"], batch["segment_ids"], batch["positions"])
+    if not attention_entropy:
+        return fn(*args), None
+    return fn(*args, attention_entropy=True)
+
+
+def _with_entropy(objective, aux, entropy, weight: float, w_sum):
+    """The objective plus `weight` x the mean attention entropy x the weight sum (so that,
+    divided by the weight sum as the loop does, it adds weight x the mean), and the entropy's
+    (sum, count) as a third aux element; unchanged when `entropy` is None."""
+    if entropy is None:
+        return objective, aux
+    entropy_sum, count = entropy
+    mean = entropy_sum / jnp.maximum(count, 1.0)
+    return objective + weight * w_sum * mean, (*aux, (entropy_sum, count))
+
+
 def lm_sums(graphdef, params, batch, z_loss: float = 0.0, focal_gamma: float = 0.0,
-            sequence: tuple[float, float] | None = None):
+            sequence: tuple[float, float] | None = None, attention_entropy: float = 0.0):
     """Next-token cross-entropy over the weighted targets, plus `z_loss` x logsumexp^2 (which
     keeps the output layer's logits from drifting; PaLM). `focal_gamma` and `sequence` (beta,
-    cap) turn on the difficulty weightings of the module docstring."""
-    logits_BLV = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"], batch["positions"])
+    cap) turn on the difficulty weightings, `attention_entropy` the attention-entropy term, of
+    the module docstring."""
+    logits_BLV, entropy = _forward(graphdef, params, batch, attention_entropy)
     nll_BL, lse_BL = nll_and_lse(logits_BLV, batch["targets"])
     w_BL = batch["weights"]
     nll_sum = (nll_BL * w_BL).sum()
@@ -73,7 +104,7 @@ def lm_sums(graphdef, params, batch, z_loss: float = 0.0, focal_gamma: float = 0
             nll_BL, w_BL, batch["segment_ids"], *sequence)
         objective = (term_BL * scale_BL).sum()
     objective = objective + z_loss * (jnp.square(lse_BL) * w_BL).sum()
-    return objective, (nll_sum, w_BL.sum())
+    return _with_entropy(objective, (nll_sum, w_BL.sum()), entropy, attention_entropy, w_BL.sum())
 
 
 def focal_factor(nll_BL, gamma: float):
@@ -102,11 +133,13 @@ def sequence_weights(nll_BL, w_BL, segment_ids_BL, beta: float, cap: float):
 
 
 def distill_sums(graphdef, params, batch, teacher_params, *, teacher_graphdef,
-                 temperature: float, alpha: float, z_loss: float = 0.0):
-    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (+ z-loss), summed
-    over the weighted targets; the reported nll is the plain cross-entropy."""
+                 temperature: float, alpha: float, z_loss: float = 0.0,
+                 attention_entropy: float = 0.0):
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (+ z-loss, + the
+    student's attention-entropy term), summed over the weighted targets; the reported nll is
+    the plain cross-entropy."""
     args = (batch["inputs"], batch["segment_ids"], batch["positions"])
-    logits_BLV = nnx.merge(graphdef, params)(*args)
+    logits_BLV, entropy = _forward(graphdef, params, batch, attention_entropy)
     teacher_BLV = jax.lax.stop_gradient(nnx.merge(teacher_graphdef, teacher_params)(*args))
     nll_BL, lse_BL = nll_and_lse(logits_BLV, batch["targets"])
     w_BL = batch["weights"]
@@ -116,7 +149,7 @@ def distill_sums(graphdef, params, batch, teacher_params, *, teacher_graphdef,
     kl_BL = (jnp.exp(log_p_BLV) * (log_p_BLV - log_q_BLV)).sum(-1)
     objective = (alpha * temperature**2 * (kl_BL * w_BL).sum() + (1.0 - alpha) * nll_sum
                  + z_loss * (jnp.square(lse_BL) * w_BL).sum())
-    return objective, (nll_sum, w_BL.sum())
+    return _with_entropy(objective, (nll_sum, w_BL.sum()), entropy, attention_entropy, w_BL.sum())
 
 
 def class_logits(graphdef, params, batch):
@@ -125,23 +158,27 @@ def class_logits(graphdef, params, batch):
                                                 batch["positions"])
 
 
-def classify_sums(graphdef, params, batch):
-    """Cross-entropy of each row's label under the score head, summed over weighted rows."""
-    nll_B, _ = nll_and_lse(class_logits(graphdef, params, batch), batch["labels"])
+def classify_sums(graphdef, params, batch, attention_entropy: float = 0.0):
+    """Cross-entropy of each row's label under the score head, summed over weighted rows (+ the
+    attention-entropy term)."""
+    logits_BC, entropy = _forward(graphdef, params, batch, attention_entropy, classify=True)
+    nll_B, _ = nll_and_lse(logits_BC, batch["labels"])
+    w_sum = batch["weights"].sum()
     nll_sum = (nll_B * batch["weights"]).sum()
-    return nll_sum, (nll_sum, batch["weights"].sum())
+    return _with_entropy(nll_sum, (nll_sum, w_sum), entropy, attention_entropy, w_sum)
 
 
 def for_config(cfg, teacher_graphdef=None):
     """(graphdef, params, batch) -> (objective sum, (nll sum, weight sum)) for the run `cfg`;
     with `teacher_graphdef` (distillation with alpha > 0), a fourth argument: the teacher's params."""
+    entropy = cfg.loss.attention_entropy
     if cfg.model.num_labels:
-        return classify_sums
+        return functools.partial(classify_sums, attention_entropy=entropy)
     if teacher_graphdef is not None:
         return functools.partial(distill_sums, teacher_graphdef=teacher_graphdef,
                                  temperature=cfg.distill.temperature, alpha=cfg.distill.alpha,
-                                 z_loss=cfg.optim.z_loss)
+                                 z_loss=cfg.optim.z_loss, attention_entropy=entropy)
     sequence = ((cfg.loss.sequence_beta, cfg.loss.sequence_cap)
                 if cfg.loss.sequence_weighting == "mean_loss" else None)
     return functools.partial(lm_sums, z_loss=cfg.optim.z_loss, focal_gamma=cfg.loss.focal_gamma,
-                             sequence=sequence)
+                             sequence=sequence, attention_entropy=entropy)

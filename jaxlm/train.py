@@ -205,7 +205,7 @@ def make_train_step(cfg: Config, graphdef, tx):
 
     def step(state: TrainState, batch: dict):
         if accum == 1:
-            grads, (nll_sum, weight) = grad_fn(state.params, state.frozen, batch)
+            grads, aux = grad_fn(state.params, state.frozen, batch)
         else:
             # Microbatch m takes rows m, m + A, m + 2A, ...: every data shard feeds every microbatch.
             micro = jax.tree.map(
@@ -216,13 +216,19 @@ def make_train_step(cfg: Config, graphdef, tx):
                 grads, aux = grad_fn(state.params, state.frozen, mb)
                 return jax.tree.map(jnp.add, carry, (grads, aux)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()), jnp.zeros(())))
-            (grads, (nll_sum, weight)), _ = jax.lax.scan(add, zeros, micro)
+            # aux is (nll sum, weight sum), plus the attention entropy's (sum, count) when on.
+            aux_zeros = (jnp.zeros(()), jnp.zeros(())) + (
+                ((jnp.zeros(()), jnp.zeros(())),) if cfg.loss.attention_entropy else ())
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), aux_zeros)
+            (grads, aux), _ = jax.lax.scan(add, zeros, micro)
+        nll_sum, weight = aux[:2]
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {"loss": nll_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step)}
+        if len(aux) > 2:  # loss.attention_entropy: the mean entropy of the batch's attention
+            out["attention_entropy"] = aux[2][0] / jnp.maximum(aux[2][1], 1.0)
         return TrainState(state.step + 1, params, opt_state, state.frozen), out
 
     return step

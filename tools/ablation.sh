@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The switches of docs/ablations.md, trained on the embedded corpus at equal steps and tokens
+# (the `make train` preset: 1600 steps of 2 x 256 tokens), two seeds each, one after another.
+#
+#   tools/ablation.sh [OUT=runs/ablation]     # ~1.5 h on the 2-core VM; rerunning skips done runs
+#   .venv/bin/python tools/ablation_table.py runs/ablation
+#
+# Every run shares runs/tiny's tokenizer (make train writes it). The teacher of the distillation
+# rows is configs/tiny_teacher.py trained for 3x the student's tokens (4800 steps).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/ablation}
+JAXLM=".venv/bin/jaxlm"
+[ -f runs/tiny/tokenizer.model ] || make train
+mkdir -p "$OUT"
+TOK="--config.data.tokenizer=runs/tiny/tokenizer.model"
+
+run() {  # name seed config [overrides...]
+  local name=$1 seed=$2 config=$3
+  shift 3
+  local dir="$OUT/${name}_s${seed}"
+  if [ -f "$dir/done" ]; then return; fi
+  rm -rf "$dir"
+  echo "== $dir $*" >&2
+  "$JAXLM" train --config="$config" --workdir="$dir" $TOK --config.train.seed="$seed" "$@" \
+    > "$dir.log" 2>&1
+  touch "$dir/done"
+}
+
+for seed in 0 1; do
+  run plain "$seed" configs/tiny.py
+  run entropy_plus "$seed" configs/tiny.py --config.loss.attention_entropy=0.1
+  run entropy_minus "$seed" configs/tiny.py --config.loss.attention_entropy=-0.1
+  run focal "$seed" configs/tiny.py --config.loss.focal_gamma=1.0
+  run sequence "$seed" configs/tiny.py --config.loss.sequence_weighting=mean_loss
+done
+run teacher 0 configs/tiny_teacher.py --config.train.steps=4800 --config.checkpoint.every=1600 \
+  --config.train.eval_every=4800
+for seed in 0 1; do
+  run distill "$seed" configs/tiny_distill.py --config.distill.teacher="$OUT/teacher_s0"
+done
+echo "ablation runs done: $OUT" >&2
