@@ -13,7 +13,8 @@ Implementations (`model.attention`):
   splash  Pallas splash attention on TPU (blockwise, causal blocks above the diagonal skipped),
           run per shard under `shard_map` since a Pallas kernel is not partitioned by XLA.
   auto    splash on TPU, cudnn on a GPU with a 16-bit dtype, xla otherwise; the choice is printed.
-Asking for a kernel the devices cannot run is a ConfigError, never a silent fallback.
+Asking for a kernel the devices cannot run is a ConfigError, never a silent fallback. Only
+`xla` also gives each query's attention entropy (`entropy=True`, for loss.attention_entropy).
 
 Dimension key: B batch, L query length, S key length, H query heads, G kv heads,
 R = H // G query heads per kv head, K head dim.

@@ -39,4 +39,22 @@ run teacher 0 configs/tiny_teacher.py --config.train.steps=4800 --config.checkpo
 for seed in 0 1; do
   run distill "$seed" configs/tiny_distill.py --config.distill.teacher="$OUT/teacher_s0"
 done
+
+# The overhead of each switch: `jaxlm bench` (the real train step on synthetic tokens, 50 steps
+# after 5 warm-up), one after another in one sitting, three rounds.
+bench() {  # name [overrides...]
+  local name=$1
+  shift
+  echo "{\"bench\": \"$name\", \"result\": $("$JAXLM" bench --config=configs/tiny.py $TOK --steps=50 \
+    --warmup=5 "$@" 2>/dev/null | tail -1)}" >> "$OUT/bench.jsonl"
+}
+rm -f "$OUT/bench.jsonl"
+for round in 1 2 3; do
+  bench plain
+  bench entropy_plus --config.loss.attention_entropy=0.1
+  bench focal --config.loss.focal_gamma=1.0
+  bench sequence --config.loss.sequence_weighting=mean_loss
+  bench distill --config.distill.teacher="$OUT/teacher_s0" --config.distill.alpha=0.5 \
+    --config.distill.temperature=2.0
+done
 echo "ablation runs done: $OUT" >&2
