@@ -9,12 +9,26 @@
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so an
 interrupted save is never listed by `latest_step` and never restored. The step number of a
 checkpoint is the number of optimizer steps taken.
+
+A finished step can still be damaged later (a failing disk, a copy cut short, a file deleted by
+hand). Restoring one raises `Damaged`, one line naming the step, the file and what is wrong,
+never orbax's or TensorStore's traceback: `check_files` reads every item folder and JSON
+metadata file before orbax does, and an error from the array data is reduced to its innermost
+cause (which names the array and the file). `jaxlm train` then moves the step aside into
+`DIR/checkpoints.damaged/` (never deletes it) and falls back to the newest step that restores
+(`Checkpointer.restore_newest`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import glob
 import json
 import os
+import re
+import sys
+import time
 
 import grain
 import orbax.checkpoint as ocp
@@ -26,6 +40,109 @@ ITEMS = ("params", "opt_state", "data", "config")
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Damaged(Exception):
+    """A finished checkpoint step that cannot be restored: `path` is the file or folder at fault."""
+
+    def __init__(self, step: int, path: str, reason: str):
+        self.step, self.path, self.reason = step, path, reason
+        super().__init__(f"checkpoint step {step} is damaged: {path}: {reason}")
+
+
+def check_files(step_dir: str, items=ITEMS) -> tuple[str, str] | None:
+    """(path, what is wrong) of the first missing item folder or unreadable JSON metadata file
+    of a finished step, or None when they all read. Array data is checked by restoring it."""
+    for item in items:
+        folder = os.path.join(step_dir, item)
+        if not os.path.isdir(folder):
+            return folder, "missing"
+    names = [os.path.join(step_dir, "_CHECKPOINT_METADATA")]
+    for item in items:
+        names += [os.path.join(step_dir, item, n) for n in ("_METADATA", "_sharding", "metadata")]
+        names += glob.glob(os.path.join(step_dir, item, "array_metadatas", "*"))
+    names += glob.glob(os.path.join(step_dir, "data", "*.json"))
+    for name in names:
+        if not os.path.isfile(name):
+            continue
+        try:
+            with open(name, "rb") as f:
+                json.loads(f.read())
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            return name, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def _innermost(exc: BaseException) -> str:
+    """The deepest cause's first line, without TensorStore's multi-line spec dump."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"See full TensorStore details.*", "", text).strip()
+    return text[:400]
+
+
+class Mismatch(Exception):
+    """A readable checkpoint that does not fit what restores it (another model or optimizer)."""
+
+    def __init__(self, step: int, reason: str):
+        self.step, self.reason = step, reason
+        super().__init__(f"checkpoint step {step} does not match this config: {reason}")
+
+
+# What reading damaged files looks like, from TensorStore, orbax and grain (a structure or shape
+# mismatch is not damage: the files are fine, the config that reads them is not).
+_DAMAGE = re.compile(r"Error reading|OUT_OF_RANGE|NOT_FOUND|DATA_LOSS|FAILED_PRECONDITION|"
+                     r"does not exist|was not found in the checkpoint|[Cc]orrupt|checksum|"
+                     r"No such file|Expecting value|Unterminated|Invalid")
+
+
+def damaged(step: int, step_dir: str, exc: BaseException, items=ITEMS) -> Exception:
+    """A `Damaged` (files at fault) or `Mismatch` for a restore of `step_dir` that raised `exc`."""
+    found = check_files(step_dir, items)
+    if found is not None:
+        return Damaged(step, *found)
+    reason = _innermost(exc)
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    if not (isinstance(inner, (OSError, json.JSONDecodeError)) or _DAMAGE.search(reason)):
+        return Mismatch(step, reason)
+    match = re.search(r'(?:local file|File) "?([^"\s]+)"?', reason)
+    return Damaged(step, match.group(1) if match else step_dir, reason)
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """When one array of a restore fails, orbax abandons the reads of the others; each abandoned
+    read prints "Exception ignored in <coroutine ...>" and a TensorStore dump to stderr when it is
+    freed. Within this context (which frees them before it ends) those are not printed: the
+    failure is reported once, as `Damaged`."""
+    hook, excepthook = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = lambda unraisable: None
+    sys.excepthook = lambda *exc_info: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook, sys.excepthook = hook, excepthook
+
+
+def move_aside(workdir: str, step: int) -> str:
+    """Moves a damaged step out of the checkpoints folder (so nothing lists it) into
+    `checkpoints.damaged/<step>-<unix time>`; returns the new path. Never deletes."""
+    target_dir = checkpoint_dir(workdir) + ".damaged"
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, f"{step}-{int(time.time())}")
+    os.rename(os.path.join(checkpoint_dir(workdir), str(step)), target)
+    return target
+
+
+def other_process_count(step_dir: str, processes: int) -> int | None:
+    """The process count whose data positions the step holds, when it is not `processes`."""
+    counts = {int(m.group(1)) for name in glob.glob(os.path.join(step_dir, "data", "process_*-of-*.json"))
+              if (m := re.search(r"-of-(\d+)\.json$", name))}
+    return next(iter(counts)) if len(counts) == 1 and processes not in counts else None
 
 
 class _IteratorSnapshot:
@@ -60,13 +177,26 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_params, abstract_opt_state, iterator):
         """(params, opt_state) placed as the abstract targets' shardings say; `iterator` is set
-        to the saved data position."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            data=grain.checkpoint.CheckpointRestore(iterator),
-        ))
-        return restored["params"], restored["opt_state"]
+        to the saved data position. A damaged step raises `Damaged`."""
+        step_dir = os.path.join(str(self.manager.directory), str(step))
+        if (found := check_files(step_dir)) is not None:
+            raise Damaged(step, *found)
+        with _quiet_abandoned_reads():
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_params),
+                    opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                    data=grain.checkpoint.CheckpointRestore(iterator),
+                ))
+            except Exception as e:  # noqa: BLE001 - every failure of a finished step is damage
+                error = damaged(step, step_dir, e)
+            else:
+                return restored["params"], restored["opt_state"]
+        raise error
+
+    def reload(self) -> None:
+        """Re-read the list of steps (after one was moved aside)."""
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -94,8 +224,17 @@ def restore_params(workdir: str, abstract_params, step: int | None = None, parti
                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))
         else:
             item = ocp.args.StandardRestore(abstract_params)
-        restored = manager.restore(step, args=ocp.args.Composite(params=item))
-        return step, restored["params"]
+        step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+        if (found := check_files(step_dir, ("params",))) is not None:
+            raise Damaged(step, *found)
+        with _quiet_abandoned_reads():
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(params=item))
+            except Exception as e:  # noqa: BLE001 - every failure of a finished step is damage
+                error = damaged(step, step_dir, e, ("params",))
+            else:
+                return step, restored["params"]
+        raise error
     finally:
         manager.close()
 

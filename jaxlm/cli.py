@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if command in COMMANDS and any(a in ("-h", "--help", "--helpfull") for a in rest[1:]):
         print(f"jaxlm {command}: {COMMANDS[command]}\n\n{USAGE}", end="")
         return 0
-    from jaxlm import convert, datasets, generate, lora, tokenizer, train
+    from jaxlm import checkpoint, convert, datasets, generate, lora, tokenizer, train
 
     try:
         if command not in HANDLERS:
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError) as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 2
-    except train.TrainingError as e:
+    except (train.TrainingError, checkpoint.Damaged, checkpoint.Mismatch) as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 1
     except DoesNotFit as e:

@@ -321,6 +321,37 @@ def _best_checkpointer(workdir: str, tok) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(best, keep=1)
 
 
+def _restore_newest(ckpt, workdir: str, step: int, abstract_params, abstract_opt_state, train_iter):
+    """(step, params, opt_state) of the newest checkpoint, from `step` down, that restores. A
+    damaged one is named in one line, moved aside (checkpoint.move_aside) and the next older one
+    tried; with none left, a TrainingError."""
+    while True:
+        step_dir = os.path.join(checkpoint.checkpoint_dir(workdir), str(step))
+        if (count := checkpoint.other_process_count(step_dir, jax.process_count())) is not None:
+            # grain keys iterator states by process index and count
+            raise TrainingError(
+                f"checkpoint {step} in '{workdir}' holds the data position of {count} processes "
+                f"(this run has {jax.process_count()}); resume with the process count that wrote "
+                "it, or start a new workdir from jaxlm.load's parameters")
+        try:
+            return (step, *ckpt.restore(step, abstract_params, abstract_opt_state, train_iter))
+        except checkpoint.Mismatch as e:
+            raise TrainingError(f"{e} (in '{workdir}')") from None
+        except checkpoint.Damaged as e:
+            multihost_utils.sync_global_devices(f"jaxlm: damaged checkpoint {step}")
+            moved = checkpoint.move_aside(workdir, step) if jax.process_index() == 0 else None
+            multihost_utils.sync_global_devices(f"jaxlm: moved checkpoint {step} aside")
+            ckpt.reload()
+            older = ckpt.latest_step()
+            if older is None:
+                raise TrainingError(f"{e}; no other checkpoint in '{workdir}' to resume from "
+                                    f"(the damaged step was moved to {moved or 'checkpoints.damaged/'})"
+                                    ) from None
+            if jax.process_index() == 0:
+                print(f"{e}; moved it to {moved}; resuming from step {older} instead", flush=True)
+            step = older
+
+
 def train(cfg: Config, workdir: str) -> dict:
     """Train `cfg` in `workdir`, resuming from its latest checkpoint. Returns the final metrics."""
     return run(cfg, workdir)[1]
@@ -360,18 +391,9 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
     with jax.set_mesh(mesh), sharding.logical_rules(rules), pipeline.context(cfg.mesh, mesh):
         frozen = frozen_base(cfg, source, abstract, shardings)  # read again on every resume
         if start:
-            try:
-                params, opt_state = ckpt.restore(
-                    start, with_shardings(abstract.params, shardings.params),
-                    with_shardings(abstract.opt_state, shardings.opt_state), train_iter)
-            except ValueError as e:  # grain keys iterator files by process index and count
-                if "process_" not in str(e):
-                    raise
-                raise TrainingError(
-                    f"checkpoint {start} in '{workdir}' holds the data position of another number "
-                    f"of processes (this run has {jax.process_count()}); resume with the process "
-                    "count that wrote it, or start a new workdir from jaxlm.load's parameters"
-                ) from None
+            start, params, opt_state = _restore_newest(
+                ckpt, workdir, start, with_shardings(abstract.params, shardings.params),
+                with_shardings(abstract.opt_state, shardings.opt_state), train_iter)
             state = TrainState(jax.device_put(jnp.int32(start), shardings.step), params, opt_state,
                                frozen)
             metrics.truncate_after(workdir, start)

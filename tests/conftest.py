@@ -15,8 +15,11 @@ if "xla_force_host_platform_device_count" not in flags:
 # optimisation passes (measured on the 2-core VM: test_objectives + test_attention_entropy 130 s
 # -> 87 s, test_train 175 s -> 159 s). The HLO passes, and so the numerics, are unchanged
 # (XLA:CPU does not reassociate floating point without fast math). Subprocesses inherit it.
+# Tests that start jaxlm in a subprocess with their own XLA_FLAGS add JAXLM_TEST_COMPILE_FLAGS.
+os.environ.setdefault("JAXLM_TEST_COMPILE_FLAGS",
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 if "xla_backend_optimization_level" not in flags:
-    flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    flags += " " + os.environ["JAXLM_TEST_COMPILE_FLAGS"]
 os.environ["XLA_FLAGS"] = flags.strip()
 
 # Many tests compile the same small programs, and the subprocess tests (jaxlm train, launches of

@@ -39,7 +39,9 @@ def flags(stdlib_data_dir):
 
 def env(**extra):
     e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**e, "JAX_PLATFORMS": "cpu", **extra}
+    e = {**e, "JAX_PLATFORMS": "cpu", **extra}
+    e["XLA_FLAGS"] = (e.get("XLA_FLAGS", "") + " " + os.environ["JAXLM_TEST_COMPILE_FLAGS"]).strip()
+    return e
 
 
 def losses(workdir):
