@@ -82,6 +82,15 @@ def _innermost(exc: BaseException) -> str:
     return text[:400]
 
 
+class SaveFailed(Exception):
+    """Writing a checkpoint failed (disk full, no permission): the step's temporary folder is
+    left unfinished, so it is never listed, and the steps saved before stay as they were."""
+
+    def __init__(self, step: int, directory: str, reason: str):
+        self.step, self.directory, self.reason = step, directory, reason
+        super().__init__(f"saving checkpoint step {step} into '{directory}' failed: {reason}")
+
+
 class Mismatch(Exception):
     """A readable checkpoint that does not fit what restores it (another model or optimizer)."""
 
@@ -163,17 +172,24 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                              item_names=ITEMS)
+        self._saving = None  # the step of the last save started
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, iterator, cfg: config_lib.Config) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator)),
-            config=ocp.args.JsonSave(cfg.to_dict()),
-        ))
+        """Starts writing `step` (asynchronously); a failure, of this save or of the previous one
+        still being written, raises SaveFailed."""
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator)),
+                config=ocp.args.JsonSave(cfg.to_dict()),
+            ))
+        except Exception as e:  # noqa: BLE001 - one line for whatever the filesystem says
+            raise SaveFailed(self._saving or step, str(self.manager.directory), _innermost(e)) from None
+        self._saving = step
 
     def restore(self, step: int, abstract_params, abstract_opt_state, iterator):
         """(params, opt_state) placed as the abstract targets' shardings say; `iterator` is set
@@ -199,7 +215,10 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise SaveFailed(self._saving, str(self.manager.directory), _innermost(e)) from None
 
     def close(self) -> None:
         self.manager.close()

@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError) as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 2
-    except (train.TrainingError, checkpoint.Damaged, checkpoint.Mismatch) as e:
+    except (train.TrainingError, checkpoint.Damaged, checkpoint.Mismatch,
+            checkpoint.SaveFailed) as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 1
     except DoesNotFit as e:

@@ -493,8 +493,10 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
             profile.stop()
             stop.restore()
             for manager in (ckpt, best_ckpt) if best_ckpt else (ckpt,):
-                manager.wait()
-                manager.close()
+                try:
+                    manager.wait()
+                finally:
+                    manager.close()
             writer.close()
     extra = {f"best_{best.metric}": best.best, "best_step": best.best_step,
              "early_stopped": best.stop} if best.enabled else {}

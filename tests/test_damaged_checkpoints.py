@@ -6,7 +6,9 @@ file."""
 
 import glob
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -103,3 +105,24 @@ def test_load_names_the_step_and_the_file(base, tmp_path):
     with pytest.raises(checkpoint.Damaged, match=r"checkpoint step 8 is damaged: .*params"):
         jaxlm.load(workdir)
     assert jaxlm.load(workdir, step=4).step == 4  # the older step still loads
+
+
+def _limit_file_size():
+    """In the child: files may not grow past 100 kB (EFBIG, as on a full disk; root too)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_earlier_steps(base, stdlib_data_dir, tmp_path):
+    workdir = copy(base, tmp_path)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
+    args = ["--config=configs/tiny.py", f"--workdir={workdir}"] + [
+        f"--config.{k}={v}" for k, v in {**SMALL, "data.data_dir": stdlib_data_dir}.items()]
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *args], capture_output=True,
+                          text=True, timeout=300, preexec_fn=_limit_file_size,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=""))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    error = [x for x in proc.stderr.splitlines() if x.startswith("jaxlm: error:")]
+    assert len(error) == 1 and error[0].startswith("jaxlm: error: saving checkpoint step 8 into")
+    assert checkpoint.steps(workdir) == [4]
+    assert jaxlm.load(workdir).step == 4
