@@ -3,7 +3,8 @@
 - `params`, `opt_state`: the train state's arrays (orbax StandardSave), written asynchronously
   and by every process for its own shards. Restored into whatever shardings the caller gives,
   so a checkpoint moves between meshes and device counts.
-- `data`: every process's grain iterator state (grain's orbax handler, one JSON per process).
+- `data`: every process's grain iterator state (grain's orbax handler, one JSON per process),
+  read back by `data_position`, which also resumes it on another number of processes.
 - `config`: the resolved config, JSON.
 
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so an
@@ -31,6 +32,7 @@ import sys
 import time
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from jaxlm import config as config_lib
@@ -147,11 +149,41 @@ def move_aside(workdir: str, step: int) -> str:
     return target
 
 
-def other_process_count(step_dir: str, processes: int) -> int | None:
-    """The process count whose data positions the step holds, when it is not `processes`."""
-    counts = {int(m.group(1)) for name in glob.glob(os.path.join(step_dir, "data", "process_*-of-*.json"))
-              if (m := re.search(r"-of-(\d+)\.json$", name))}
-    return next(iter(counts)) if len(counts) == 1 and processes not in counts else None
+def data_position(step: int, step_dir: str, streams: int) -> dict:
+    """This process's data iterator state from a step's `data/process_<i>-of-<P>.json` files
+    (grain's format: one stream's state, or {"parents": [...]} for a process reading several),
+    for a run of `streams` input streams on any number of processes.
+
+    Stream s was read by process s % P, as its (s // P)-th stream (data.streams). With the same
+    streams, the data order does not depend on the process count, so a step written by P
+    processes resumes on P' (any count dividing the streams): each stream's state is taken from
+    the file that holds it and this process's streams are put back together."""
+    names = glob.glob(os.path.join(step_dir, "data", "process_*-of-*.json"))
+    found = {tuple(map(int, m.groups())): name for name in names
+             if (m := re.search(r"process_(\d+)-of-(\d+)\.json$", name))}
+    writers = {count for _, count in found}
+    index, count = jax.process_index(), jax.process_count()
+    if len(writers) != 1:
+        raise Damaged(step, os.path.join(step_dir, "data"), "no single set of process_<i>-of-<P>.json files")
+    old = writers.pop()
+    if (index, old) in found and old == count:
+        with open(found[index, old]) as f:
+            return json.load(f)
+    states = {}
+    for i in range(old):
+        if (i, old) not in found:
+            raise Damaged(step, os.path.join(step_dir, "data", f"process_{i}-of-{old}.json"), "missing")
+        with open(found[i, old]) as f:
+            state = json.load(f)
+        parts = state["parents"] if "parents" in state else [state]
+        states.update({i + k * old: part for k, part in enumerate(parts)})
+    if len(states) != streams:
+        raise Mismatch(step, f"it holds the data positions of {len(states)} input streams, read by "
+                             f"{old} processes; this run has {streams} on {count} processes. Set "
+                             f"data.streams={len(states)} to resume it on a number of processes that "
+                             f"divides {len(states)}")
+    mine = [states[s] for s in range(index, streams, count)]
+    return mine[0] if len(mine) == 1 else {"parents": mine}
 
 
 class _IteratorSnapshot:
@@ -191,22 +223,26 @@ class Checkpointer:
             raise SaveFailed(self._saving or step, str(self.manager.directory), _innermost(e)) from None
         self._saving = step
 
-    def restore(self, step: int, abstract_params, abstract_opt_state, iterator):
+    def restore(self, step: int, abstract_params, abstract_opt_state, iterator, streams: int):
         """(params, opt_state) placed as the abstract targets' shardings say; `iterator` is set
-        to the saved data position. A damaged step raises `Damaged`."""
+        to the saved data position (`set_data_position`; `streams` is this run's number of input
+        streams). A damaged step raises `Damaged`, one that does not fit `Mismatch`."""
         step_dir = os.path.join(str(self.manager.directory), str(step))
         if (found := check_files(step_dir)) is not None:
             raise Damaged(step, *found)
+        state = data_position(step, step_dir, streams)  # before the arrays: the cheap refusal
         with _quiet_abandoned_reads():
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_params),
                     opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                    data=grain.checkpoint.CheckpointRestore(iterator),
                 ))
             except Exception as e:  # noqa: BLE001 - every failure of a finished step is damage
                 error = damaged(step, step_dir, e)
             else:
+                iterator.set_state(state)
+                if hasattr(iterator, "start_prefetch"):  # as grain's own handler does
+                    iterator.start_prefetch()
                 return restored["params"], restored["opt_state"]
         raise error
 

@@ -321,20 +321,15 @@ def _best_checkpointer(workdir: str, tok) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(best, keep=1)
 
 
-def _restore_newest(ckpt, workdir: str, step: int, abstract_params, abstract_opt_state, train_iter):
+def _restore_newest(ckpt, workdir: str, step: int, abstract_params, abstract_opt_state, train_iter,
+                    streams: int):
     """(step, params, opt_state) of the newest checkpoint, from `step` down, that restores. A
     damaged one is named in one line, moved aside (checkpoint.move_aside) and the next older one
     tried; with none left, a TrainingError."""
     while True:
-        step_dir = os.path.join(checkpoint.checkpoint_dir(workdir), str(step))
-        if (count := checkpoint.other_process_count(step_dir, jax.process_count())) is not None:
-            # grain keys iterator states by process index and count
-            raise TrainingError(
-                f"checkpoint {step} in '{workdir}' holds the data position of {count} processes "
-                f"(this run has {jax.process_count()}); resume with the process count that wrote "
-                "it, or start a new workdir from jaxlm.load's parameters")
         try:
-            return (step, *ckpt.restore(step, abstract_params, abstract_opt_state, train_iter))
+            return (step, *ckpt.restore(step, abstract_params, abstract_opt_state, train_iter,
+                                        streams))
         except checkpoint.Mismatch as e:
             raise TrainingError(f"{e} (in '{workdir}')") from None
         except checkpoint.Damaged as e:
@@ -393,10 +388,12 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
         if start:
             start, params, opt_state = _restore_newest(
                 ckpt, workdir, start, with_shardings(abstract.params, shardings.params),
-                with_shardings(abstract.opt_state, shardings.opt_state), train_iter)
+                with_shardings(abstract.opt_state, shardings.opt_state), train_iter,
+                cfg.data.streams or jax.process_count())
             state = TrainState(jax.device_put(jnp.int32(start), shardings.step), params, opt_state,
                                frozen)
-            metrics.truncate_after(workdir, start)
+            if jax.process_index() == 0:  # one writer: another would replace the file under it
+                metrics.truncate_after(workdir, start)
             print(f"resumed from step {start}", flush=True)
         elif source is not None and not cfg.lora.rank:
             params = finetune.initial_params(source, with_shardings(abstract.params, shardings.params))
