@@ -100,6 +100,13 @@ def attention_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
     return causal_LS[None] & same_BLS
 
 
+def real_queries(segment_ids_BL, shape):
+    """float32 [B, L]: 1 at a real token (segment id not 0, or every token without segments)."""
+    if segment_ids_BL is None:
+        return jnp.ones(shape, jnp.float32)
+    return (segment_ids_BL != 0).astype(jnp.float32)
+
+
 def reference_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL=None):
     """Attention as the textbook writes it, in plain jnp: the ground truth the kernels are tested
     against. It materializes the [B, H, L, S] scores and, under autodiff, keeps the probabilities."""

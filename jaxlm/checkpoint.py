@@ -17,7 +17,7 @@ never orbax's or TensorStore's traceback: `check_files` reads every item folder 
 metadata file before orbax does, and an error from the array data is reduced to its innermost
 cause (which names the array and the file). `jaxlm train` then moves the step aside into
 `DIR/checkpoints.damaged/` (never deletes it) and falls back to the newest step that restores
-(`Checkpointer.restore_newest`).
+(`Checkpointer.restore_newest`). A readable step that does not fit the run raises `Mismatch`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import time
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
 
@@ -205,6 +206,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                              item_names=ITEMS)
         self._saving = None  # the step of the last save started
+        self.workdir = workdir
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -246,9 +248,30 @@ class Checkpointer:
                 return restored["params"], restored["opt_state"]
         raise error
 
-    def reload(self) -> None:
-        """Re-read the list of steps (after one was moved aside)."""
-        self.manager.reload()
+    def restore_newest(self, step: int, abstract_params, abstract_opt_state, iterator,
+                       streams: int):
+        """(step, params, opt_state) of the newest checkpoint, from `step` down, that restores
+        (see `restore`). A damaged one is named in one line, moved aside (`move_aside`) and the
+        next older one tried; with none left, `Damaged` for the last one tried."""
+        while True:
+            try:
+                return (step, *self.restore(step, abstract_params, abstract_opt_state, iterator,
+                                            streams))
+            except Damaged as e:
+                multihost_utils.sync_global_devices(f"jaxlm: damaged checkpoint {step}")
+                moved = move_aside(self.workdir, step) if jax.process_index() == 0 else None
+                multihost_utils.sync_global_devices(f"jaxlm: moved checkpoint {step} aside")
+                self.manager.reload()
+                older = self.latest_step()
+                where = moved or "checkpoints.damaged/"
+                if older is None:
+                    raise Damaged(e.step, e.path, f"{e.reason}; no other checkpoint in "
+                                  f"'{self.workdir}' to resume from (the damaged step was moved "
+                                  f"to {where})") from None
+                if jax.process_index() == 0:
+                    print(f"{e}; moved it to {where}; resuming from step {older} instead",
+                          flush=True)
+                step = older
 
     def wait(self) -> None:
         try:

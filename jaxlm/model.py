@@ -69,13 +69,6 @@ class KVCache:
         return KVCache(k, v, jnp.zeros((), jnp.int32), start_B, fresh=True)
 
 
-def real_queries(segment_ids_BL, shape):
-    """float32 [B, L]: 1 at a real token (segment id not 0, or every token without segments)."""
-    if segment_ids_BL is None:
-        return jnp.ones(shape, jnp.float32)
-    return (segment_ids_BL != 0).astype(jnp.float32)
-
-
 def head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.d_model // cfg.num_heads
 
@@ -172,7 +165,8 @@ class Attention(nnx.Module):
             if cache is not None:
                 raise ValueError("the attention entropy is a training term: not with a KV cache")
             out_BLHK, entropy_BLH = out_BLHK
-            entropy_sum = (entropy_BLH * real_queries(segment_ids_BL, x_BLD.shape[:2])[..., None]).sum()
+            real_BL = attention_lib.real_queries(segment_ids_BL, x_BLD.shape[:2])
+            entropy_sum = (entropy_BLH * real_BL[..., None]).sum()
         if cache is not None:
             at = (layer, 0, cache.index, 0, 0)
             k_NBTGK = jax.lax.dynamic_update_slice(cache.k_NBTGK, k_BLGK.astype(dt)[None], at)
@@ -377,7 +371,7 @@ class Decoder(nnx.Module):
             x_BLD, entropy_sum = self._run_blocks(x_BLD, positions_BL, segment_ids_BL, None,
                                                   entropy=True)
             count = (self.cfg.num_layers * self.cfg.num_heads
-                     * real_queries(segment_ids_BL, x_BLD.shape[:2]).sum())
+                     * attention_lib.real_queries(segment_ids_BL, x_BLD.shape[:2]).sum())
             return self.final_norm(x_BLD), (entropy_sum, count)
         x_BLD, cache = self._run_blocks(x_BLD, positions_BL, segment_ids_BL, cache, layers)
         return self.final_norm(x_BLD), cache

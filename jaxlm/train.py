@@ -321,32 +321,6 @@ def _best_checkpointer(workdir: str, tok) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(best, keep=1)
 
 
-def _restore_newest(ckpt, workdir: str, step: int, abstract_params, abstract_opt_state, train_iter,
-                    streams: int):
-    """(step, params, opt_state) of the newest checkpoint, from `step` down, that restores. A
-    damaged one is named in one line, moved aside (checkpoint.move_aside) and the next older one
-    tried; with none left, a TrainingError."""
-    while True:
-        try:
-            return (step, *ckpt.restore(step, abstract_params, abstract_opt_state, train_iter,
-                                        streams))
-        except checkpoint.Mismatch as e:
-            raise TrainingError(f"{e} (in '{workdir}')") from None
-        except checkpoint.Damaged as e:
-            multihost_utils.sync_global_devices(f"jaxlm: damaged checkpoint {step}")
-            moved = checkpoint.move_aside(workdir, step) if jax.process_index() == 0 else None
-            multihost_utils.sync_global_devices(f"jaxlm: moved checkpoint {step} aside")
-            ckpt.reload()
-            older = ckpt.latest_step()
-            if older is None:
-                raise TrainingError(f"{e}; no other checkpoint in '{workdir}' to resume from "
-                                    f"(the damaged step was moved to {moved or 'checkpoints.damaged/'})"
-                                    ) from None
-            if jax.process_index() == 0:
-                print(f"{e}; moved it to {moved}; resuming from step {older} instead", flush=True)
-            step = older
-
-
 def train(cfg: Config, workdir: str) -> dict:
     """Train `cfg` in `workdir`, resuming from its latest checkpoint. Returns the final metrics."""
     return run(cfg, workdir)[1]
@@ -386,8 +360,8 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
     with jax.set_mesh(mesh), sharding.logical_rules(rules), pipeline.context(cfg.mesh, mesh):
         frozen = frozen_base(cfg, source, abstract, shardings)  # read again on every resume
         if start:
-            start, params, opt_state = _restore_newest(
-                ckpt, workdir, start, with_shardings(abstract.params, shardings.params),
+            start, params, opt_state = ckpt.restore_newest(
+                start, with_shardings(abstract.params, shardings.params),
                 with_shardings(abstract.opt_state, shardings.opt_state), train_iter,
                 cfg.data.streams or jax.process_count())
             state = TrainState(jax.device_put(jnp.int32(start), shardings.step), params, opt_state,

@@ -93,7 +93,7 @@ def test_no_good_checkpoint_is_one_line_and_exit_1(base, stdlib_data_dir, tmp_pa
 def test_a_checkpoint_of_another_optimizer_is_refused_and_left_in_place(base, stdlib_data_dir,
                                                                          tmp_path):
     workdir = copy(base, tmp_path)
-    with pytest.raises(train.TrainingError, match="step 8 does not match this config"):
+    with pytest.raises(checkpoint.Mismatch, match="step 8 does not match this config"):
         train.train(cfg_for(stdlib_data_dir, **{"optim.clip_norm": 0.0}), workdir)
     assert checkpoint.steps(workdir) == [4, 8]
     assert not os.path.exists(os.path.join(workdir, "checkpoints.damaged"))
