@@ -106,7 +106,7 @@ class Mismatch(Exception):
 # mismatch is not damage: the files are fine, the config that reads them is not).
 _DAMAGE = re.compile(r"Error reading|OUT_OF_RANGE|NOT_FOUND|DATA_LOSS|FAILED_PRECONDITION|"
                      r"does not exist|was not found in the checkpoint|[Cc]orrupt|checksum|"
-                     r"No such file|Expecting value|Unterminated|Invalid")
+                     r"No such file")
 
 
 def damaged(step: int, step_dir: str, exc: BaseException, items=ITEMS) -> Exception:
