@@ -1,6 +1,8 @@
 # The README's two commands. Both create .venv on first use; nothing is downloaded at run time.
 PYTHON ?= python3
-VENV := .venv
+# Another interpreter gets its own venv (`make test PYTHON=python3.12` -> .venv-python3.12), so
+# a venv built for one Python is never reused by another.
+VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 BIN := $(VENV)/bin
 
 .PHONY: train test lint

@@ -13,14 +13,14 @@ import pytest
 from jaxlm import aot, config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBTPU = os.path.join(ROOT, ".venv", "tpu")
+LIBTPU = os.path.join(sys.prefix, "tpu")  # the venv running the tests (make test installs it)
 
 
 def jaxlm_aot(*args, libtpu=False):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     if libtpu:
         assert os.path.isdir(os.path.join(LIBTPU, "libtpu")), (
-            "libtpu is missing from .venv/tpu: run `make test` (it installs it there)")
+            f"libtpu is missing from {LIBTPU}: run `make test` (it installs it there)")
         env["PYTHONPATH"] = LIBTPU
     proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "aot", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
