@@ -2,7 +2,7 @@
 # The switches of docs/ablations.md, trained on the embedded corpus at equal steps and tokens
 # (the `make train` preset: 1600 steps of 2 x 256 tokens), two seeds each, one after another.
 #
-#   tools/ablation.sh [OUT=runs/ablation]     # ~1.5 h on the 2-core VM; rerunning skips done runs
+#   tools/ablation.sh [OUT=runs/ablation]     # ~2 h on the 2-core VM; rerunning skips done runs
 #   .venv/bin/python tools/ablation_table.py runs/ablation
 #
 # Every run shares runs/tiny's tokenizer (make train writes it). The teacher of the distillation
@@ -31,11 +31,12 @@ for seed in 0 1; do
   run plain "$seed" configs/tiny.py
   run entropy_plus "$seed" configs/tiny.py --config.loss.attention_entropy=0.1
   run entropy_minus "$seed" configs/tiny.py --config.loss.attention_entropy=-0.1
+  run entropy_plus_small "$seed" configs/tiny.py --config.loss.attention_entropy=0.01
+  run entropy_minus_small "$seed" configs/tiny.py --config.loss.attention_entropy=-0.01
   run focal "$seed" configs/tiny.py --config.loss.focal_gamma=1.0
   run sequence "$seed" configs/tiny.py --config.loss.sequence_weighting=mean_loss
 done
-run teacher 0 configs/tiny_teacher.py --config.train.steps=4800 --config.checkpoint.every=1600 \
-  --config.train.eval_every=4800
+run teacher 0 configs/tiny_teacher.py  # 4800 steps: 3x the student's tokens
 for seed in 0 1; do
   run distill "$seed" configs/tiny_distill.py --config.distill.teacher="$OUT/teacher_s0"
 done
@@ -48,6 +49,7 @@ bench() {  # name [overrides...]
   echo "{\"bench\": \"$name\", \"result\": $("$JAXLM" bench --config=configs/tiny.py $TOK --steps=50 \
     --warmup=5 "$@" 2>/dev/null | tail -1)}" >> "$OUT/bench.jsonl"
 }
+[ -f "$OUT/bench.done" ] && { echo "ablation runs done: $OUT" >&2; exit 0; }
 rm -f "$OUT/bench.jsonl"
 for round in 1 2 3; do
   bench plain
@@ -57,4 +59,5 @@ for round in 1 2 3; do
   bench distill --config.distill.teacher="$OUT/teacher_s0" --config.distill.alpha=0.5 \
     --config.distill.temperature=2.0
 done
+touch "$OUT/bench.done"
 echo "ablation runs done: $OUT" >&2
