@@ -5,7 +5,8 @@ schedule, with loss = 0.5 * T^2 * KL(teacher_T || student_T) + 0.5 * cross-entro
     jaxlm train --config=configs/tiny_teacher.py --workdir=runs/tiny_teacher
     jaxlm train --config=configs/tiny_distill.py --workdir=runs/tiny_distill
 
-Compare its validation bits per byte with runs/tiny's (the same student trained alone): docs/inside.md.
+Measured (docs/ablations.md): 2.153 / 2.220 validation bits per byte on seeds 0 / 1, against
+2.223 / 2.262 for the same student trained alone (runs/tiny), the teacher at 1.957.
 """
 
 from jaxlm.configs import tiny
