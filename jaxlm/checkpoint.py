@@ -280,7 +280,10 @@ class Checkpointer:
             raise SaveFailed(self._saving, str(self.manager.directory), _innermost(e)) from None
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()  # may re-raise a failure of the save still being written
+        except Exception as e:  # noqa: BLE001
+            raise SaveFailed(self._saving, str(self.manager.directory), _innermost(e)) from None
 
 
 def restore_params(workdir: str, abstract_params, step: int | None = None, partial: bool = False):
