@@ -109,11 +109,9 @@ _DAMAGE = re.compile(r"Error reading|OUT_OF_RANGE|NOT_FOUND|DATA_LOSS|FAILED_PRE
                      r"No such file")
 
 
-def damaged(step: int, step_dir: str, exc: BaseException, items=ITEMS) -> Exception:
-    """A `Damaged` (files at fault) or `Mismatch` for a restore of `step_dir` that raised `exc`."""
-    found = check_files(step_dir, items)
-    if found is not None:
-        return Damaged(step, *found)
+def damaged(step: int, step_dir: str, exc: BaseException) -> Exception:
+    """A `Damaged` (files at fault) or `Mismatch` for a restore of `step_dir` that raised `exc`,
+    after `check_files` found its folders and metadata readable."""
     reason = _innermost(exc)
     inner = exc
     while inner.__cause__ is not None:
@@ -312,7 +310,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None, parti
             try:
                 restored = manager.restore(step, args=ocp.args.Composite(params=item))
             except Exception as e:  # noqa: BLE001 - every failure of a finished step is damage
-                error = damaged(step, step_dir, e, ("params",))
+                error = damaged(step, step_dir, e)
             else:
                 return step, restored["params"]
         raise error
