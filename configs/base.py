@@ -52,6 +52,18 @@ def get_config() -> config_dict.ConfigDict:
     d.local_name = "my_text"  # dataset=local: the name the files are prepared under
     d.train_split = "train"  # split read for training
     d.eval_split = "validation"  # split read for evaluation (deterministic, finite)
+    # Cleaning at prepare time, for stdlib and local (jaxlm/cleaning.py says the order of the steps):
+    d.clean = True  # False: none of the steps below, the text is prepared as read
+    d.clean_nfc = True  # Unicode NFC normalisation
+    d.clean_control = True  # drop control characters other than newline and tab (\r included)
+    d.min_chars = 64  # drop documents shorter than this (characters, after normalising); 0 = off
+    d.max_chars = 1_000_000  # drop documents longer than this; 0 = off
+    d.max_replacement_share = 0.01  # drop documents with more U+FFFD than this share (binary); 1.0 = off
+    d.max_line_chars = 1000  # drop documents with a longer line (minified, generated data); 0 = off
+    d.dedup_exact = True  # drop a document whose text repeats a kept one exactly
+    d.dedup_near = 0.8  # drop one whose MinHash Jaccard similarity to a kept one is at least this; 0 = off
+    d.dedup_num_perm = 128  # MinHash permutations (more: a finer similarity estimate, slower)
+    d.dedup_shingle = 5  # words per shingle in the MinHash
     d.streams = 0  # independent input streams (0 = one per process); fixed, data order ignores process count
 
     c.optim = o = config_dict.ConfigDict()

@@ -113,6 +113,6 @@ def join_processes(fv) -> None:
 
     try:
         distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id,
-                               fv.distributed_timeout)
+                               fv.distributed_timeout, fv.workdir)
     except ValueError as e:
         raise UsageError(str(e)) from None

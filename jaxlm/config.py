@@ -51,7 +51,7 @@ CHOICES = {
 POSITIVE = {
     "model": ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
               "mlp_dim", "max_seq_len", "rope_theta", "norm_eps", "init_std"),
-    "data": ("seq_len",),
+    "data": ("seq_len", "dedup_num_perm", "dedup_shingle"),
     "optim": ("lr", "grad_accum_steps"),
     "train": ("steps", "global_batch_size", "log_every", "eval_every"),
     "checkpoint": ("every", "keep"),
@@ -64,7 +64,7 @@ NON_NEGATIVE = {
     "optim": ("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "z_loss"),
     "train": ("seed", "eval_batches", "peak_tflops", "profile_steps", "eval_task_limit",
               "early_stop_patience"),
-    "data": ("streams",),
+    "data": ("streams", "min_chars", "max_chars", "max_line_chars"),
     "mesh": ("pipeline_microbatches",),
     "lora": ("rank",),
     "loss": ("focal_gamma", "sequence_beta"),
@@ -234,6 +234,10 @@ def _check_values(cfg: Config) -> None:
             f"config key 'data.seq_len' ({cfg.data.seq_len}) exceeds "
             f"'model.max_seq_len' ({m.max_seq_len})"
         )
+
+    for key in ("max_replacement_share", "dedup_near"):
+        if not 0.0 <= getattr(cfg.data, key) <= 1.0:
+            raise ConfigError(f"config key 'data.{key}' must be in [0, 1], got {getattr(cfg.data, key)!r}")
 
     o = cfg.optim
     for key in ("b1", "b2", "min_lr_ratio"):

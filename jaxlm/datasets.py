@@ -8,10 +8,12 @@
 - any other name (`c4/en`, `lm1b`, ...): a TFDS dataset already prepared in array_record format
   under `data.data_dir`, read from its directory (no catalog code or TensorFlow imported).
 
-`stdlib` and `local` prepare themselves on first use. Preparing writes array_record files (TFDS's
-format that needs no TensorFlow) and a `jaxlm_prepare.json` summary with the counts of skipped
-empty documents and of documents whose invalid UTF-8 was replaced. Train/validation splits are
-decided by a hash of each document's path, so they are stable across runs and machines.
+`stdlib` and `local` prepare themselves on first use. Preparing cleans the text (jaxlm/cleaning.py:
+normalisation, filters, exact and near deduplication, each step a `data.*` key) and writes
+array_record files (TFDS's format that needs no TensorFlow) and a `jaxlm_prepare.json` summary with
+the counts of skipped empty documents, of documents whose invalid UTF-8 was replaced, and of what
+each cleaning step removed or changed. Train/validation splits are decided by a hash of each
+document's path, so they are stable across runs and machines; cleaning only removes documents.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
+from jaxlm import cleaning
 from jaxlm.config import DataConfig
 
 STDLIB = "stdlib"
@@ -86,12 +89,20 @@ def stdlib_config_name() -> str:
     return f"py{sys.version_info.major}{sys.version_info.minor}"
 
 
+def stdlib_corpus_name(d: DataConfig) -> str:
+    """Names the prepared embedded corpus: its interpreter, version and cleaning. Files derived
+    from it (tokenizers, tasks, fine-tuning rows) are kept under this name."""
+    tag = cleaning.Settings.from_data(d).tag()
+    return f"stdlib-{stdlib_config_name()}-v{StdlibCorpus.VERSION}" + (f"-{tag}" if tag else "")
+
+
 class _Counts:
-    """What preparing skipped or repaired, written to SUMMARY_FILE."""
+    """What preparing skipped, repaired or cleaned away, written to SUMMARY_FILE."""
 
     def __init__(self):
         self.counts = {"documents": 0, "empty_skipped": 0, "invalid_utf8_replaced": 0,
-                       "missing_field_skipped": 0, "invalid_json_skipped": 0}
+                       "missing_field_skipped": 0, "invalid_json_skipped": 0,
+                       **dict.fromkeys(cleaning.COUNT_KEYS, 0)}
 
     def decode(self, raw: bytes) -> str:
         try:
@@ -100,11 +111,10 @@ class _Counts:
             self.counts["invalid_utf8_replaced"] += 1
             return raw.decode("utf-8", errors="replace")
 
-    def keep(self, text: str) -> bool:
-        if not text.strip():
-            self.counts["empty_skipped"] += 1
+    def empty(self, text: str) -> bool:
+        if text.strip():
             return False
-        self.counts["documents"] += 1
+        self.counts["empty_skipped"] += 1
         return True
 
 
@@ -112,22 +122,59 @@ def _text_features():
     return tfds.features.FeaturesDict({"path": tfds.features.Text(), "text": tfds.features.Text()})
 
 
-class StdlibCorpus(tfds.core.GeneratorBasedBuilder):
+class _CleanedSplits:
+    """The two splits of a text builder, cleaned (jaxlm/cleaning.py).
+
+    A first pass reads every document, validation first, and decides which are kept (duplicates
+    are only known with the whole corpus seen); the examples are then read again, each normalised
+    the same way. Builders give `_read(split, counts)`: (key, text) in a fixed order."""
+
+    SPLITS = ("validation", "train")  # cleaning order: a duplicate is removed from train
+
+    def _read(self, split: str, counts: _Counts) -> Iterator[tuple[str, str]]:
+        raise NotImplementedError
+
+    def _cleaned_splits(self, settings: cleaning.Settings) -> dict:
+        cleaner = cleaning.Cleaner(settings)
+        kept = set()
+        for split in self.SPLITS:
+            for key, text in self._read(split, self.counts):
+                text = cleaner.normalize(text)
+                if not self.counts.empty(text) and cleaner.admit(text):
+                    kept.add(key)
+        self.counts.counts.update(cleaner.counts, documents=len(kept))
+        return {split: self._generate_examples(split, kept, settings) for split in ("train", "validation")}
+
+    def _generate_examples(self, split: str, kept: set[str], settings: cleaning.Settings):
+        normal = cleaning.Cleaner(settings)
+        for key, text in self._read(split, _Counts()):
+            if key in kept:
+                yield key, {"path": key, "text": normal.normalize(text, count=False)}
+
+
+def _config_name(name: str, settings: cleaning.Settings) -> str:
+    return f"{name}_{settings.tag()}" if settings.active() else name
+
+
+class StdlibCorpus(_CleanedSplits, tfds.core.GeneratorBasedBuilder):
     """The Python standard library's .py sources, one example per file."""
 
     # Bump when the selection of files changes, so prepared copies are rebuilt, not reused.
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.1.0": "Skip pydoc_data.", "1.0.0": "First version."}
 
-    def __init__(self, *, root: str | None = None, max_files: int | None = None, **kwargs):
+    def __init__(self, *, root: str | None = None, max_files: int | None = None,
+                 clean: cleaning.Settings | None = None, **kwargs):
         self._root = root or stdlib_root()
         self._max_files = max_files
+        self._clean = clean or cleaning.Settings.off()
         name = stdlib_config_name()
         if root is not None or max_files is not None:
             tag = hashlib.sha256(f"{self._root}|{max_files}".encode()).hexdigest()[:8]
             name += f"_custom{tag}"
         self.counts = _Counts()
-        super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
+        super().__init__(config=tfds.core.BuilderConfig(name=_config_name(name, self._clean)),
+                         **kwargs)
 
     def _info(self):
         return self.dataset_info_from_configs(features=_text_features())
@@ -137,29 +184,29 @@ class StdlibCorpus(tfds.core.GeneratorBasedBuilder):
         if not files:
             raise DataError(f"no .py files under the stdlib root '{self._root}'")
         validation = validation_keys(files)
-        return {
-            "train": self._generate_examples([f for f in files if f not in validation]),
-            "validation": self._generate_examples([f for f in files if f in validation]),
-        }
+        self._files = {"train": [f for f in files if f not in validation],
+                       "validation": [f for f in files if f in validation]}
+        return self._cleaned_splits(self._clean)
 
-    def _generate_examples(self, files):
-        for rel in files:
+    def _read(self, split, counts):
+        for rel in self._files[split]:
             with open(os.path.join(self._root, rel), "rb") as f:
-                text = self.counts.decode(f.read())
-            if self.counts.keep(text):
-                yield rel, {"path": rel, "text": text}
+                yield rel, counts.decode(f.read())
 
 
-class LocalText(tfds.core.GeneratorBasedBuilder):
+class LocalText(_CleanedSplits, tfds.core.GeneratorBasedBuilder):
     """Users' .txt files (one document each) and .jsonl files (one document per line)."""
 
     VERSION = tfds.core.Version("1.0.0")
 
-    def __init__(self, *, name: str, pattern: str, text_field: str = "text", **kwargs):
+    def __init__(self, *, name: str, pattern: str, text_field: str = "text",
+                 clean: cleaning.Settings | None = None, **kwargs):
         self._pattern = os.path.expanduser(pattern)
         self._text_field = text_field
+        self._clean = clean or cleaning.Settings.off()
         self.counts = _Counts()
-        config = tfds.core.BuilderConfig(name=name, description=f"{pattern} [{text_field}]")
+        config = tfds.core.BuilderConfig(name=_config_name(name, self._clean),
+                                         description=f"{pattern} [{text_field}]")
         super().__init__(config=config, **kwargs)
 
     def _info(self):
@@ -167,18 +214,15 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         files = sorted(glob.glob(self._pattern, recursive=True))
-        files = [f for f in files if os.path.isfile(f)]
-        if not files:
+        self._paths = [f for f in files if os.path.isfile(f)]
+        if not self._paths:
             raise DataError(f"data.files pattern '{self._pattern}' matches no files")
         # Split by the path relative to the files' common folder: moving the whole tree elsewhere
         # keeps every document in its split.
-        root = os.path.commonpath([os.path.dirname(f) for f in files])
-        keys = [os.path.relpath(k, root) for f in files for k in self._keys(f)]
-        validation = validation_keys(keys)
-        return {
-            "train": self._generate_examples(files, root, validation, False),
-            "validation": self._generate_examples(files, root, validation, True),
-        }
+        self._root = os.path.commonpath([os.path.dirname(f) for f in self._paths])
+        keys = [os.path.relpath(k, self._root) for f in self._paths for k in self._keys(f)]
+        self._validation = validation_keys(keys)
+        return self._cleaned_splits(self._clean)
 
     def _keys(self, path: str) -> Iterator[str]:
         """Keys of the documents `path` may hold (before skipping empty or invalid ones)."""
@@ -188,13 +232,20 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         with open(path, "rb") as f:
             yield from (f"{path}:{i}" for i, line in enumerate(f) if line.strip())
 
-    def _documents(self, path: str, wanted) -> Iterator[tuple[str, str]]:
+    def _read(self, split, counts):
+        def wanted(key: str) -> bool:
+            return (os.path.relpath(key, self._root) in self._validation) == (split == "validation")
+
+        for path in self._paths:
+            yield from self._documents(path, wanted, counts)
+
+    def _documents(self, path: str, wanted, counts: _Counts) -> Iterator[tuple[str, str]]:
         """(key, text) of the documents in `path` whose key `wanted` accepts; only those are
         decoded, so each document is counted once, by the split that holds it."""
         if not path.endswith(".jsonl"):
             if wanted(path):
                 with open(path, "rb") as f:
-                    yield path, self.counts.decode(f.read())
+                    yield path, counts.decode(f.read())
             return
         with open(path, "rb") as f:
             for i, line in enumerate(f):
@@ -202,23 +253,14 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
                 if not line.strip() or not wanted(key):
                     continue
                 try:
-                    record = json.loads(self.counts.decode(line))
+                    record = json.loads(counts.decode(line))
                 except json.JSONDecodeError:
-                    self.counts.counts["invalid_json_skipped"] += 1
+                    counts.counts["invalid_json_skipped"] += 1
                     continue
                 if not isinstance(record, dict) or not isinstance(record.get(self._text_field), str):
-                    self.counts.counts["missing_field_skipped"] += 1
+                    counts.counts["missing_field_skipped"] += 1
                     continue
                 yield key, record[self._text_field]
-
-    def _generate_examples(self, files, root: str, validation: set[str], want_validation: bool):
-        def wanted(key: str) -> bool:
-            return (os.path.relpath(key, root) in validation) == want_validation
-
-        for path in files:
-            for key, text in self._documents(path, wanted):
-                if self.counts.keep(text):
-                    yield key, {"path": key, "text": text}
 
 
 def data_dir(cfg: DataConfig) -> str:
@@ -229,10 +271,12 @@ def builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     """The TFDS builder of `cfg.dataset` (prepared or not)."""
     match cfg.dataset:
         case "stdlib":
-            return StdlibCorpus(data_dir=data_dir(cfg), file_format="array_record")
+            return StdlibCorpus(clean=cleaning.Settings.from_data(cfg), data_dir=data_dir(cfg),
+                                file_format="array_record")
         case "local":
             return LocalText(name=cfg.local_name, pattern=cfg.files, text_field=cfg.text_field,
-                             data_dir=data_dir(cfg), file_format="array_record")
+                             clean=cleaning.Settings.from_data(cfg), data_dir=data_dir(cfg),
+                             file_format="array_record")
         case _:
             return _prepared_builder(cfg)
 
@@ -277,9 +321,9 @@ def prepare(cfg: DataConfig) -> dict:
         with open(summary_path, "w") as f:
             json.dump(b.counts.counts, f)
         splits = ", ".join(f"{n} {name}" for name, n in _split_sizes(b).items())
-        print(f"prepared dataset {cfg.dataset} at {b.data_dir}: {splits} documents; skipped or "
-              f"repaired: {json.dumps({k: v for k, v in b.counts.counts.items() if k != 'documents'})}",
-              flush=True)
+        done = {k: v for k, v in b.counts.counts.items() if v and k != "documents"}
+        print(f"prepared dataset {cfg.dataset} at {b.data_dir}: {splits} documents; skipped, "
+              f"repaired or cleaned: {json.dumps(done) if done else 'none'}", flush=True)
     counts = {}
     if os.path.isfile(summary_path):
         with open(summary_path) as f:

@@ -94,7 +94,7 @@ def classify_rows(docs: list[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
 
 
 def sft_dir(data_cfg: DataConfig) -> str:
-    corpus = f"stdlib-{datasets.stdlib_config_name()}-v{datasets.StdlibCorpus.VERSION}"
+    corpus = datasets.stdlib_corpus_name(data_cfg)
     return os.path.join(datasets.data_dir(data_cfg), "finetune", f"{corpus}-f{VERSION}")
 
 

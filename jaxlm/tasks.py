@@ -177,7 +177,7 @@ metadata:
 
 
 def task_dir(data_cfg: DataConfig) -> str:
-    corpus = f"stdlib-{datasets.stdlib_config_name()}-v{datasets.StdlibCorpus.VERSION}"
+    corpus = datasets.stdlib_corpus_name(data_cfg)
     return os.path.join(datasets.data_dir(data_cfg), "tasks", f"{corpus}-t{VERSION}")
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from jaxlm import datasets
+from jaxlm import cleaning, datasets
 from jaxlm.config import Config
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -146,9 +146,11 @@ def default_path(cfg: Config) -> str:
     name = d.local_name if d.dataset == datasets.LOCAL else d.dataset
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     if d.dataset == datasets.STDLIB:
-        slug += f"-{datasets.stdlib_config_name()}-v{datasets.StdlibCorpus.VERSION}"
+        slug = datasets.stdlib_corpus_name(d)
     elif d.dataset == datasets.LOCAL:  # the same name over other files is another tokenizer
         slug += "-" + hashlib.sha256(d.files.encode()).hexdigest()[:8]
+        if tag := cleaning.Settings.from_data(d).tag():
+            slug += f"-{tag}"
     return os.path.join(datasets.data_dir(d), "tokenizers", f"{slug}-bpe{cfg.model.vocab_size}.model")
 
 

@@ -246,6 +246,7 @@ def test_bench_reports_tokens_per_sec(cfg, tok):
 
 
 def test_bad_local_files_are_counted_not_lost(tmp_path):
+    """With cleaning off (tests/test_cleaning.py tests it), preparing loses nothing it can read."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "empty.txt").write_text("")
@@ -260,7 +261,7 @@ def test_bad_local_files_are_counted_not_lost(tmp_path):
         "model": {"vocab_size": 300, "d_model": 32, "num_heads": 4, "num_kv_heads": 4,
                   "max_seq_len": 128},
         "data": {"dataset": "local", "files": str(src / "*"), "local_name": "bad_data",
-                 "data_dir": str(tmp_path / "data"), "seq_len": 128},
+                 "data_dir": str(tmp_path / "data"), "seq_len": 128, "clean": False},
         "train": {"global_batch_size": 2},
     })
     summary = datasets.prepare(cfg.data)
@@ -309,7 +310,7 @@ def test_prepared_catalog_dataset_by_name(tmp_path):
         (src / f"doc{i}.txt").write_text(f"catalog document {i}\n" * 20)
     local = config.from_dict({
         "data": {"dataset": "local", "files": str(src / "*.txt"), "local_name": "catalog_like",
-                 "data_dir": str(tmp_path / "data")},
+                 "data_dir": str(tmp_path / "data"), "clean": False},  # no tag on the name
     })
     datasets.prepare(local.data)
     catalog = local.replace(data={"dataset": "local_text/catalog_like", "text_field": "text"})

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import jaxlm
-from jaxlm import checkpoint, config, tokenizer, train
+from jaxlm import checkpoint, config, distributed, tokenizer, train
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +63,7 @@ def test_two_processes_train_like_one(tmp_path, flags):
                          env=env(JAXLM=JAXLM, LOCAL_DEVICES="4", LOG_DIR=str(tmp_path)))
     assert out.returncode == 0, out.stderr + open(tmp_path / "process_1.log").read()
     assert "joining 2 processes" in out.stdout
+    assert not os.path.exists(os.path.join(two, "joining"))  # join marks go once all joined
     assert len(losses(two)) == 4
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6)
 
@@ -167,15 +168,32 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path, flags):
 
 
 def test_missing_peer_fails_in_bounded_time(tmp_path, flags):
+    """Processes 0 and 2 of 3 start, 1 never does: both end after the timeout with one jaxlm line
+    naming process 1, before (instead of) jax's fatal log."""
     start = time.time()
-    out = subprocess.run(
+    port = free_port()
+    procs = [subprocess.Popen(
         [sys.executable, "-m", "jaxlm.cli", "train", *flags, f"--workdir={tmp_path / 'run'}",
-         "--coordinator=127.0.0.1:29631", "--num_processes=2", "--process_id=0",
-         "--distributed_timeout=5"],
-        capture_output=True, text=True, timeout=120, env=env())
-    assert out.returncode != 0
-    assert time.time() - start < 90
-    assert "waiting up to 5 s for all of them" in out.stdout
+         f"--coordinator=127.0.0.1:{port}", "--num_processes=3", f"--process_id={i}",
+         "--distributed_timeout=8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()) for i in (0, 2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert time.time() - start < 60
+    for i, (p, (stdout, stderr)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 1, stderr
+        assert "waiting up to 8 s for all of them" in stdout
+        line = f"jaxlm: error: process 1 of 3 did not join the coordinator 127.0.0.1:{port} within 8 s"
+        assert stderr.strip().splitlines()[-1].startswith(line), stderr
+        assert f"(this is process {2 * i})" in stderr
+        assert "Terminating process" not in stderr and "Check failure" not in stderr
+    marks = sorted(os.listdir(tmp_path / "run" / "joining"))  # kept, for a post-mortem
+    assert marks == ["process_0.json", "process_2.json"]
+
+
+def test_missing_peer_line_without_a_workdir_or_with_all_started():
+    assert "cannot tell which" in distributed.missing_line(2, 0, None, 5, "h:1")
+    line = distributed.missing_line(2, 0, {0, 1}, 5, "h:1")
+    assert "processes 1 of 2 started but did not reach the coordinator h:1" in line
 
 
 def test_launcher_dry_run_and_failure(tmp_path):
