@@ -39,6 +39,7 @@ from jaxlm import (
     generate,
     hf_tokenizer,
     model,
+    paths,
     quantize,
     scoring,
     sharding,
@@ -362,10 +363,11 @@ def load(path: str, *, step: int | None = None, dtype: str | None = None,
         from jaxlm import lora_runs
 
         return lora_runs.with_adapter(lm, adapter, quantize)
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise FileNotFoundError(f"'{path}' is not a directory")
-    if os.path.isdir(checkpoint.checkpoint_dir(path)):
+    if paths.isdir(checkpoint.checkpoint_dir(path)):
         return _load_workdir(path, step, dtype, quantize, mesh)
+    path = paths.local_tree(path)  # a HF directory on object storage: read from a local copy
     if os.path.isfile(os.path.join(path, convert.CONFIG_FILE)):
         hf = convert.read_hf_config(path)
         cfg = convert.config_from_hf(hf, dtype=dtype or "float32", param_dtype=param_dtype)
@@ -410,8 +412,9 @@ def _load_workdir(workdir: str, step: int | None, dtype: str | None, kind: str |
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               nnx.to_pure_dict(abstract_params), shardings)
         step, params = checkpoint.restore_params(workdir, target, step)
-    tok = os.path.join(workdir, "tokenizer.model")
-    return from_params(cfg, params, step=step, tokenizer_path=tok if os.path.isfile(tok) else None,
+    tok = paths.join(workdir, "tokenizer.model")  # (object storage: a local copy of it)
+    return from_params(cfg, params, step=step,
+                       tokenizer_path=paths.local_file(tok) if paths.isfile(tok) else None,
                        quantize=kind, mesh=placed_on)
 
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import glob
 import json
-import os
 import re
 import sys
 import time
@@ -37,12 +35,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
+from jaxlm import paths
 
 ITEMS = ("params", "opt_state", "data", "config")
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return paths.join(paths.resolve(workdir), "checkpoints")
 
 
 class Damaged(Exception):
@@ -57,20 +56,19 @@ def check_files(step_dir: str, items=ITEMS) -> tuple[str, str] | None:
     """(path, what is wrong) of the first missing item folder or unreadable JSON metadata file
     of a finished step, or None when they all read. Array data is checked by restoring it."""
     for item in items:
-        folder = os.path.join(step_dir, item)
-        if not os.path.isdir(folder):
+        folder = paths.join(step_dir, item)
+        if not paths.isdir(folder):
             return folder, "missing"
-    names = [os.path.join(step_dir, "_CHECKPOINT_METADATA")]
+    names = [paths.join(step_dir, "_CHECKPOINT_METADATA")]
     for item in items:
-        names += [os.path.join(step_dir, item, n) for n in ("_METADATA", "_sharding", "metadata")]
-        names += glob.glob(os.path.join(step_dir, item, "array_metadatas", "*"))
-    names += glob.glob(os.path.join(step_dir, "data", "*.json"))
+        names += [paths.join(step_dir, item, n) for n in ("_METADATA", "_sharding", "metadata")]
+        names += paths.glob(step_dir, f"{item}/array_metadatas/*")
+    names += paths.glob(step_dir, "data/*.json")
     for name in names:
-        if not os.path.isfile(name):
+        if not paths.isfile(name):
             continue
         try:
-            with open(name, "rb") as f:
-                json.loads(f.read())
+            json.loads(paths.read_bytes(name))
         except (OSError, ValueError, UnicodeDecodeError) as e:
             return name, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     return None
@@ -142,9 +140,9 @@ def move_aside(workdir: str, step: int) -> str:
     """Moves a damaged step out of the checkpoints folder (so nothing lists it) into
     `checkpoints.damaged/<step>-<unix time>`; returns the new path. Never deletes."""
     target_dir = checkpoint_dir(workdir) + ".damaged"
-    os.makedirs(target_dir, exist_ok=True)
-    target = os.path.join(target_dir, f"{step}-{int(time.time())}")
-    os.rename(os.path.join(checkpoint_dir(workdir), str(step)), target)
+    paths.makedirs(target_dir)
+    target = paths.join(target_dir, f"{step}-{int(time.time())}")
+    paths.rename(paths.join(checkpoint_dir(workdir), str(step)), target)
     return target
 
 
@@ -157,23 +155,21 @@ def data_position(step: int, step_dir: str, streams: int) -> dict:
     streams, the data order does not depend on the process count, so a step written by P
     processes resumes on P' (any count dividing the streams): each stream's state is taken from
     the file that holds it and this process's streams are put back together."""
-    names = glob.glob(os.path.join(step_dir, "data", "process_*-of-*.json"))
+    names = paths.glob(step_dir, "data/process_*-of-*.json")
     found = {tuple(map(int, m.groups())): name for name in names
              if (m := re.search(r"process_(\d+)-of-(\d+)\.json$", name))}
     writers = {count for _, count in found}
     index, count = jax.process_index(), jax.process_count()
     if len(writers) != 1:
-        raise Damaged(step, os.path.join(step_dir, "data"), "no single set of process_<i>-of-<P>.json files")
+        raise Damaged(step, paths.join(step_dir, "data"), "no single set of process_<i>-of-<P>.json files")
     old = writers.pop()
     if (index, old) in found and old == count:
-        with open(found[index, old]) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(found[index, old]))
     states = {}
     for i in range(old):
         if (i, old) not in found:
-            raise Damaged(step, os.path.join(step_dir, "data", f"process_{i}-of-{old}.json"), "missing")
-        with open(found[i, old]) as f:
-            state = json.load(f)
+            raise Damaged(step, paths.join(step_dir, "data", f"process_{i}-of-{old}.json"), "missing")
+        state = json.loads(paths.read_text(found[i, old]))
         parts = state["parents"] if "parents" in state else [state]
         states.update({i + k * old: part for k, part in enumerate(parts)})
     if len(states) != streams:
@@ -227,7 +223,7 @@ class Checkpointer:
         """(params, opt_state) placed as the abstract targets' shardings say; `iterator` is set
         to the saved data position (`set_data_position`; `streams` is this run's number of input
         streams). A damaged step raises `Damaged`, one that does not fit `Mismatch`."""
-        step_dir = os.path.join(str(self.manager.directory), str(step))
+        step_dir = paths.join(str(self.manager.directory), str(step))
         if (found := check_files(step_dir)) is not None:
             raise Damaged(step, *found)
         state = data_position(step, step_dir, streams)  # before the arrays: the cheap refusal
@@ -303,7 +299,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None, parti
                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))
         else:
             item = ocp.args.StandardRestore(abstract_params)
-        step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+        step_dir = paths.join(checkpoint_dir(workdir), str(step))
         if (found := check_files(step_dir, ("params",))) is not None:
             raise Damaged(step, *found)
         with _quiet_abandoned_reads():
@@ -320,7 +316,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None, parti
 
 def steps(workdir: str) -> list[int]:
     """The finished checkpoints' steps, ascending ([] without a checkpoints/ folder)."""
-    if not os.path.isdir(checkpoint_dir(workdir)):
+    if not paths.isdir(checkpoint_dir(workdir)):
         return []
     manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS)
     try:

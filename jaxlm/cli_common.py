@@ -52,10 +52,10 @@ def need_workdir(fv) -> str:
 
 
 def existing_workdir(fv) -> str:
-    import os
+    from jaxlm import paths
 
     workdir = need_workdir(fv)
-    if not os.path.isdir(workdir):
+    if not paths.isdir(workdir):
         raise UsageError(f"workdir '{workdir}' does not exist")
     return workdir
 

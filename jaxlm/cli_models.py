@@ -135,19 +135,23 @@ def export(argv: list[str]) -> dict:
         raise UsageError("missing --out=DIR")
     import os
 
-    if fv.format == "peft":
-        if not fv.workdir:
-            raise UsageError("--format=peft exports a LoRA run: pass --workdir=DIR")
-        from jaxlm import lora, lora_runs
+    from jaxlm import paths
 
-        try:
-            lora_runs.save_peft(fv.workdir, fv.out, fv.step)
-        except lora.LoraError as e:
-            raise UsageError(str(e)) from None
-    else:
-        _, lm = load_model(fv)
-        lm.save_hf(fv.out, fv.dtype)
-    return {"format": fv.format, "out": fv.out, "files": sorted(os.listdir(fv.out))}
+    if fv.format == "peft" and not fv.workdir:
+        raise UsageError("--format=peft exports a LoRA run: pass --workdir=DIR")
+    with paths.writing_folder(fv.out) as out:  # gs://: written here, then uploaded
+        if fv.format == "peft":
+            from jaxlm import lora, lora_runs
+
+            try:
+                lora_runs.save_peft(fv.workdir, out, fv.step)
+            except lora.LoraError as e:
+                raise UsageError(str(e)) from None
+        else:
+            _, lm = load_model(fv)
+            lm.save_hf(out, fv.dtype)
+        files = sorted(os.listdir(out))
+    return {"format": fv.format, "out": fv.out, "files": files}
 
 
 def attention(argv: list[str]) -> dict:
@@ -174,7 +178,8 @@ def attention(argv: list[str]) -> dict:
     print(attention_maps.entropy_table(result), flush=True)
     maps = result.pop("maps")
     if fv.json:
-        with open(fv.json, "w") as f:
-            json.dump({**result, "maps": maps.round(6).tolist()}, f)
+        from jaxlm import paths
+
+        paths.write_text(fv.json, json.dumps({**result, "maps": maps.round(6).tolist()}))
         result["json"] = fv.json
     return result

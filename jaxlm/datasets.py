@@ -18,6 +18,7 @@ document's path, so they are stable across runs and machines; cleaning only remo
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -25,11 +26,12 @@ import logging
 import os
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
-from jaxlm import cleaning
+from jaxlm import cleaning, paths
 from jaxlm.config import DataConfig
 
 STDLIB = "stdlib"
@@ -264,7 +266,13 @@ class LocalText(_CleanedSplits, tfds.core.GeneratorBasedBuilder):
 
 
 def data_dir(cfg: DataConfig) -> str:
-    return os.path.expanduser(cfg.data_dir)
+    return paths.resolve(cfg.data_dir) if paths.is_remote(cfg.data_dir) else os.path.expanduser(cfg.data_dir)
+
+
+def local_data_dir(cfg: DataConfig) -> str:
+    """Where files derived from the data for local readers (lm-eval task files, fine-tuning rows)
+    go: `data_dir` itself, or its local cache when it is on object storage."""
+    return paths.cache_path(data_dir(cfg)) if paths.is_remote(cfg.data_dir) else data_dir(cfg)
 
 
 def builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
@@ -283,10 +291,10 @@ def builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
 
 def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     name, _, version = cfg.dataset.partition(":")
-    root = os.path.join(data_dir(cfg), name)
+    root = paths.join(data_dir(cfg), name)
     versions = sorted(
-        (v for v in (os.listdir(root) if os.path.isdir(root) else [])
-         if os.path.isfile(os.path.join(root, v, "dataset_info.json"))),
+        (v for v in (paths.listdir(root) if paths.isdir(root) else [])
+         if paths.isfile(paths.join(root, v, "dataset_info.json"))),
         key=lambda v: tuple(int(p) for p in v.split(".") if p.isdigit()),
     )
     if version:
@@ -297,9 +305,9 @@ def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
             f"{name}/<version>/dataset_info.json); prepare it with TFDS in array_record format, "
             f"or use data.dataset=stdlib or local"
         )
-    path = os.path.join(root, versions[-1])
-    with open(os.path.join(path, "dataset_info.json")) as f:
-        file_format = json.load(f).get("fileFormat", "tfrecord")
+    path = paths.join(root, versions[-1])
+    file_format = json.loads(paths.read_text(paths.join(path, "dataset_info.json"))).get(
+        "fileFormat", "tfrecord")
     if file_format != "array_record":
         raise DataError(f"dataset at '{path}' is in {file_format} format; jaxlm reads array_record "
                         "(prepare with file_format='array_record'; tfrecord needs TensorFlow)")
@@ -309,26 +317,36 @@ def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
 def prepare(cfg: DataConfig) -> dict:
     """Prepare `cfg.dataset` if needed; returns the summary (path, split sizes, skipped counts)."""
     b = builder(cfg)
-    summary_path = os.path.join(b.data_dir, SUMMARY_FILE)
+    summary_path = paths.join(str(b.data_dir), SUMMARY_FILE)
     if isinstance(b, (StdlibCorpus, LocalText)) and not _is_prepared(b):
-        os.makedirs(data_dir(cfg), exist_ok=True)
-        tfds.disable_progress_bar()  # our summary below says what was prepared
-        try:
-            b.download_and_prepare()
-        except AssertionError as e:  # TFDS refuses to write a split with no examples
-            raise DataError(f"cannot prepare dataset '{cfg.dataset}': {e} (too few non-empty "
-                            "documents for a train and a validation split)") from None
-        with open(summary_path, "w") as f:
-            json.dump(b.counts.counts, f)
-        splits = ", ".join(f"{n} {name}" for name, n in _split_sizes(b).items())
-        done = {k: v for k, v in b.counts.counts.items() if v and k != "documents"}
-        print(f"prepared dataset {cfg.dataset} at {b.data_dir}: {splits} documents; skipped, "
-              f"repaired or cleaned: {json.dumps(done) if done else 'none'}", flush=True)
-    counts = {}
-    if os.path.isfile(summary_path):
-        with open(summary_path) as f:
-            counts = json.load(f)
+        if paths.is_remote(cfg.data_dir):  # TFDS writes array_record to local files only
+            with tempfile.TemporaryDirectory(prefix="jaxlm-prepare-") as staging:
+                staged = builder(dataclasses.replace(cfg, data_dir=staging))
+                _build(staged, cfg.dataset, str(b.data_dir))
+                paths.upload_tree(str(staged.data_dir), str(b.data_dir),
+                                  last="dataset_info.json")  # the mark of a finished copy
+            b = builder(cfg)
+        else:
+            _build(b, cfg.dataset, str(b.data_dir))
+    counts = json.loads(paths.read_text(summary_path)) if paths.isfile(summary_path) else {}
     return {"dataset": cfg.dataset, "path": str(b.data_dir), "splits": _split_sizes(b), **counts}
+
+
+def _build(b: tfds.core.DatasetBuilder, name: str, shown: str) -> dict:
+    """Prepare a stdlib or local builder into its (local) folder, with SUMMARY_FILE beside it."""
+    os.makedirs(os.path.dirname(str(b.data_dir)), exist_ok=True)
+    tfds.disable_progress_bar()  # our summary below says what was prepared
+    try:
+        b.download_and_prepare()
+    except AssertionError as e:  # TFDS refuses to write a split with no examples
+        raise DataError(f"cannot prepare dataset '{name}': {e} (too few non-empty "
+                        "documents for a train and a validation split)") from None
+    paths.write_text(paths.join(str(b.data_dir), SUMMARY_FILE), json.dumps(b.counts.counts))
+    splits = ", ".join(f"{n} {split}" for split, n in _split_sizes(b).items())
+    done = {k: v for k, v in b.counts.counts.items() if v and k != "documents"}
+    print(f"prepared dataset {name} at {shown}: {splits} documents; skipped, "
+          f"repaired or cleaned: {json.dumps(done) if done else 'none'}", flush=True)
+    return b.counts.counts
 
 
 def _split_sizes(b: tfds.core.DatasetBuilder) -> dict[str, int]:
@@ -336,7 +354,7 @@ def _split_sizes(b: tfds.core.DatasetBuilder) -> dict[str, int]:
 
 
 def _is_prepared(b: tfds.core.DatasetBuilder) -> bool:
-    return os.path.isfile(os.path.join(b.data_dir, "dataset_info.json"))
+    return paths.isfile(paths.join(str(b.data_dir), "dataset_info.json"))
 
 
 def source(cfg: DataConfig, split: str):

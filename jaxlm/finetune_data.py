@@ -95,7 +95,7 @@ def classify_rows(docs: list[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
 
 def sft_dir(data_cfg: DataConfig) -> str:
     corpus = datasets.stdlib_corpus_name(data_cfg)
-    return os.path.join(datasets.data_dir(data_cfg), "finetune", f"{corpus}-f{VERSION}")
+    return os.path.join(datasets.local_data_dir(data_cfg), "finetune", f"{corpus}-f{VERSION}")
 
 
 def write_sft(data_cfg: DataConfig) -> tuple[str, str]:

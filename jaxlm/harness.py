@@ -219,9 +219,9 @@ def report(results: dict, model_path: str, step: int | None, output: str | None)
     if jax.process_index() == 0:
         print(lm_utils.make_table(results), flush=True)
         if output:
-            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-            with open(output, "w") as f:
-                json.dump(results, f, indent=2, default=str)
+            from jaxlm import paths as paths_lib  # (`paths` is a name in use here)
+
+            paths_lib.write_text(output, json.dumps(results, indent=2, default=str))
     return summary
 
 

@@ -18,13 +18,13 @@ or a measured float32 matmul on CPU; `train.peak_tflops` overrides both.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
+from jaxlm import paths
 from jaxlm.config import ModelConfig
 from jaxlm.model import head_dim
 
@@ -102,10 +102,10 @@ class Writer:
         self.tb = None
         if not self.enabled:
             return
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        from tensorboardX import SummaryWriter
+        self.jsonl = paths.Appender(paths.join(workdir, "metrics.jsonl"))
+        from tensorboardX import SummaryWriter  # writes gs:// itself, with google-cloud-storage
 
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+        self.tb = SummaryWriter(paths.join(workdir, "tensorboard"), flush_secs=10)
         if sys.stdout.isatty():
             from tqdm import tqdm
 
@@ -116,7 +116,6 @@ class Writer:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, step)
@@ -132,6 +131,13 @@ class Writer:
         else:
             print(f"step {step}/{self.total_steps}: " + ", ".join(parts), flush=True)
 
+    def flush(self) -> None:
+        """Make every line so far durable (called at each checkpoint; objects are rewritten
+        only every few seconds otherwise)."""
+        if self.enabled:
+            self.jsonl.flush()
+            self.tb.flush()
+
     def close(self) -> None:
         if not self.enabled:
             return
@@ -143,25 +149,22 @@ class Writer:
 
 def records(workdir: str) -> list[dict]:
     """metrics.jsonl's records, in order ([] without the file)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def truncate_after(workdir: str, step: int) -> None:
     """Drop metrics.jsonl lines past `step` (written by a run killed after its last checkpoint),
     so a resumed run's log reads as if it had never stopped."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.isfile(path):
         return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    lines = paths.read_text(path).splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        paths.write_text(path, "".join(kept))
 
 
 def _plain(value):

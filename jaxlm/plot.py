@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
+from jaxlm import paths
+
 
 def plot(workdir: str, output: str | None = None) -> str:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.isfile(path):
         raise FileNotFoundError(f"no metrics.jsonl in '{workdir}'")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
     train = [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train:
@@ -35,9 +37,11 @@ def plot(workdir: str, output: str | None = None) -> str:
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
-    fig.suptitle(os.path.basename(os.path.abspath(workdir)))
+    fig.suptitle(os.path.basename(paths.resolve(workdir)))
     fig.tight_layout()
-    output = output or os.path.join(workdir, "training.png")
-    fig.savefig(output, dpi=100)
+    output = output or paths.join(workdir, "training.png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    paths.write_bytes(output, png.getvalue())
     return output

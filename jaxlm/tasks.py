@@ -178,7 +178,7 @@ metadata:
 
 def task_dir(data_cfg: DataConfig) -> str:
     corpus = datasets.stdlib_corpus_name(data_cfg)
-    return os.path.join(datasets.data_dir(data_cfg), "tasks", f"{corpus}-t{VERSION}")
+    return os.path.join(datasets.local_data_dir(data_cfg), "tasks", f"{corpus}-t{VERSION}")
 
 
 def write(data_cfg: DataConfig) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from jaxlm import cleaning, datasets
+from jaxlm import cleaning, datasets, paths
 from jaxlm.config import Config
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -34,11 +34,11 @@ class Tokenizer:
     """Thin wrapper: str -> int32 ids and back, plus the vocabulary size."""
 
     def __init__(self, path: str):
-        if not os.path.isfile(path):
+        if not paths.isfile(path):
             raise TokenizerError(f"tokenizer model '{path}' not found")
         self.path = path
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=path)
+            self.sp = spm.SentencePieceProcessor(model_proto=paths.read_bytes(path))
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"cannot read tokenizer model '{path}': {e}") from None
         self.vocab_size = self.sp.get_piece_size()
@@ -112,11 +112,7 @@ def train(texts: Iterable[str], vocab_size: int, path: str, sample_bytes: int = 
     except RuntimeError as e:  # sentencepiece reports bad settings as RuntimeError
         message = str(e).strip().splitlines()[0]
         raise TokenizerError(f"cannot train a {vocab_size}-piece tokenizer: {message}") from None
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)  # a half-written model is never taken for a good one
+    paths.write_bytes(path, model.getvalue())  # a half-written model is never taken for a good one
     return path
 
 
@@ -151,7 +147,7 @@ def default_path(cfg: Config) -> str:
         slug += "-" + hashlib.sha256(d.files.encode()).hexdigest()[:8]
         if tag := cleaning.Settings.from_data(d).tag():
             slug += f"-{tag}"
-    return os.path.join(datasets.data_dir(d), "tokenizers", f"{slug}-bpe{cfg.model.vocab_size}.model")
+    return paths.join(datasets.data_dir(d), "tokenizers", f"{slug}-bpe{cfg.model.vocab_size}.model")
 
 
 def train_for_config(cfg: Config, path: str | None = None) -> str:
@@ -167,8 +163,8 @@ def for_config(cfg: Config) -> Tokenizer:
 
     Raises TokenizerError when its vocabulary exceeds model.vocab_size.
     """
-    path = os.path.expanduser(cfg.data.tokenizer) if cfg.data.tokenizer else default_path(cfg)
-    if not cfg.data.tokenizer and not os.path.isfile(path):
+    path = paths.resolve(cfg.data.tokenizer) if cfg.data.tokenizer else default_path(cfg)
+    if not cfg.data.tokenizer and not paths.isfile(path):
         train_for_config(cfg, path)
     tok = Tokenizer(path)
     if tok.vocab_size > cfg.model.vocab_size:

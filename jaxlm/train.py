@@ -17,8 +17,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import shutil
 import time
 
 import jax
@@ -37,6 +35,7 @@ from jaxlm import (
     model,
     objectives,
     optim,
+    paths,
     pipeline,
     runtime,
     sharding,
@@ -245,25 +244,23 @@ def jit_train_step(cfg: Config, graphdef, tx, shardings: TrainState, batch_shard
 
 def _prepare_workdir(cfg: Config, workdir: str, resuming: bool) -> tokenizer.Tokenizer:
     """Write the resolved config; make the workdir self-contained with its tokenizer."""
-    os.makedirs(workdir, exist_ok=True)
-    saved = os.path.join(workdir, "config.json")
-    if resuming and os.path.isfile(saved):
-        with open(saved) as f:
-            old_model = json.load(f)["model"]
+    paths.makedirs(workdir)
+    saved = paths.join(workdir, "config.json")
+    if resuming and paths.isfile(saved):
+        old_model = json.loads(paths.read_text(saved))["model"]
         changed = [k for k, v in cfg.to_dict()["model"].items() if old_model.get(k) != v]
         if changed:
             raise TrainingError(f"workdir '{workdir}' holds checkpoints of another model: "
                                 f"model.{changed[0]} differs from its config.json")
     if jax.process_index() == 0:
-        with open(saved, "w") as f:
-            f.write(cfg.to_json())
-    local = os.path.join(workdir, "tokenizer.model")
-    if resuming and os.path.isfile(local):
+        paths.write_text(saved, cfg.to_json())
+    local = paths.join(workdir, "tokenizer.model")
+    if resuming and paths.isfile(local):
         tok = tokenizer.for_config(cfg.replace(data={"tokenizer": local}))
     else:
         tok = tokenizer.for_config(cfg)
-        if jax.process_index() == 0 and os.path.abspath(tok.path) != os.path.abspath(local):
-            shutil.copyfile(tok.path, local)
+        if jax.process_index() == 0 and paths.resolve(tok.path) != paths.resolve(local):
+            paths.copy(tok.path, local)
     if (line := data.prepare(cfg, tok)) and jax.process_index() == 0:
         print(line, flush=True)
     return tok
@@ -303,21 +300,20 @@ def _task_runner(cfg: Config, tok: tokenizer.Tokenizer):
 def _pinned_source(cfg: Config, workdir: str) -> Config:
     """A resumed run keeps the source it started from: its config.json names train.init_from
     pinned to a path and step (finetune.resolve), even if the source has newer checkpoints now."""
-    saved = os.path.join(workdir, "config.json")
-    if not (cfg.train.init_from and os.path.isfile(saved) and checkpoint.steps(workdir)):
+    saved = paths.join(workdir, "config.json")
+    if not (cfg.train.init_from and paths.isfile(saved) and checkpoint.steps(workdir)):
         return cfg
-    with open(saved) as f:
-        pinned = json.load(f)["train"].get("init_from")
+    pinned = json.loads(paths.read_text(saved))["train"].get("init_from")
     return cfg.replace(train={"init_from": pinned}) if pinned else cfg
 
 
 def _best_checkpointer(workdir: str, tok) -> checkpoint.Checkpointer:
     """WORKDIR/best: one checkpoint (the best evaluation's) with the tokenizer beside it, so the
     folder is a workdir `jaxlm.load` reads."""
-    best = os.path.join(workdir, "best")
+    best = paths.join(workdir, "best")
     if jax.process_index() == 0:
-        os.makedirs(best, exist_ok=True)
-        shutil.copyfile(tok.path, os.path.join(best, "tokenizer.model"))
+        paths.makedirs(best)
+        paths.copy(tok.path, paths.join(best, "tokenizer.model"))
     return checkpoint.Checkpointer(best, keep=1)
 
 
@@ -422,7 +418,9 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
                 writer.write(step, host)
 
         # Trace steps start+2 .. start+1+profile_steps: after the compile, before any eval.
-        profile = runtime.Profile(os.path.join(workdir, "profile"), start + 1, cfg.train.profile_steps)
+        profile_dir = paths.join(workdir, "profile")  # jax writes traces to local files only
+        profile = runtime.Profile(paths.cache_path(profile_dir) if paths.is_remote(workdir)
+                                  else profile_dir, start + 1, cfg.train.profile_steps)
         try:
             step = start
             while step < cfg.train.steps and not stop.requested and not best.stop:
@@ -456,6 +454,7 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
                         finish(*pending)
                         pending = None
                     ckpt.save(step, state.params, state.opt_state, train_iter, cfg)
+                    writer.flush()  # on object storage, lines are otherwise rewritten every few s
             if pending is not None:
                 finish(*pending)
             if not last_eval and step >= cfg.train.steps:  # e.g. a finished run started again
