@@ -11,7 +11,7 @@ Object stores have no rename and no append, so:
 - `Appender` appends lines to a local file as it goes; for an object it rewrites the whole object,
   at most every `every` seconds (GCS takes one write per second per object) and on `flush()`;
 - `local_file` / `local_tree` give a local path for readers of local files only (a HF
-  directory's safetensors, lm-eval's task files), by copying the objects once into
+  directory's safetensors, the tokenizer of a loaded model), by copying the objects into
   `~/.cache/jaxlm/remote/`. (array_record reads gs:// itself; TFDS prepares a dataset in a local
   folder, which `upload_tree` then copies.)
 
@@ -150,14 +150,13 @@ def writing_folder(path: str):
 
 
 def local_file(path: str) -> str:
-    """A local path with `path`'s bytes: `path` itself when local, else a cached copy (fetched
-    again when the object's size changed)."""
+    """A local path with `path`'s bytes: `path` itself when local, else a fresh copy under
+    CACHE. (Fetched on every call: an object rewritten with the same size within the same second
+    looks unchanged to every check epath offers, and a stale model is worse than a download.)"""
     if not is_remote(path):
         return resolve(path)
     local = cache_path(path)
-    size = _p(path).stat().length
-    if not (os.path.isfile(local) and os.path.getsize(local) == size):
-        write_bytes(local, read_bytes(path))
+    write_bytes(local, read_bytes(path))
     return local
 
 
