@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlm import datasets, finetune_data, sft, sharding, tokenizer
+from jaxlm import datasets, finetune_data, paths, sft, sharding, tokenizer
 from jaxlm.config import Config, DataConfig
 
 CLASSIFY = "classify"
@@ -96,7 +96,7 @@ def prepared_dir(cfg: Config, tok: tokenizer.Tokenizer) -> str:
     the arrays (file contents, labels, tokenizer, length and row rules)."""
     d = finetune_data.effective(cfg.data)
     rules = f"v{FORMAT_VERSION}|{','.join(labels(cfg))}|{d.seq_len}|{d.too_long}|{d.bad_rows}"
-    return os.path.join(datasets.data_dir(d), CLASSIFY,
+    return paths.join(datasets.data_dir(d), CLASSIFY,
                         f"{d.local_name}-{sft.inputs_hash(rules, d, tok)}")
 
 
@@ -120,10 +120,9 @@ def prepare(cfg: Config, tok: tokenizer.Tokenizer) -> dict:
     """Tokenize and split the classification files of `cfg` (once; later calls read the summary)."""
     key = (cfg.data, cfg.classify, tok.path)
     out = _PREPARED.get(key) or _PREPARED.setdefault(key, prepared_dir(cfg, tok))
-    summary_path = os.path.join(out, datasets.SUMMARY_FILE)
-    if os.path.isfile(summary_path):
-        with open(summary_path) as f:
-            return json.load(f)
+    summary_path = paths.join(out, datasets.SUMMARY_FILE)
+    if paths.isfile(summary_path):
+        return json.loads(paths.read_text(summary_path))
     d = finetune_data.effective(cfg.data)
     names = {n: i for i, n in enumerate(labels(cfg))}
     counts = {"rows": 0, "malformed": {}}
@@ -188,7 +187,7 @@ class Examples:
     """A prepared split as a random-access source of {"tokens", "label"} (grain reads it)."""
 
     def __init__(self, directory: str, split: str):
-        path = os.path.join(directory, f"{split}.%s.npy")
+        path = os.path.join(sft.local_copy(directory), f"{split}.%s.npy")
         if not os.path.isfile(path % "offsets"):
             raise ClassifyError(f"classification split '{split}' is not prepared in '{directory}'")
         self.tokens = np.load(path % "tokens", mmap_mode="r", allow_pickle=False)

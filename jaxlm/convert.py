@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxlm import config as config_lib
+from jaxlm import paths
 from jaxlm.config import ModelConfig
 from jaxlm.configs import base
 from jaxlm.model import head_dim
@@ -278,12 +279,11 @@ def _safetensors_numpy():
 
 
 def read_hf_config(directory: str) -> dict:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(directory, CONFIG_FILE)
+    if not paths.isfile(path):
         raise ConversionError(f"no {CONFIG_FILE} in '{directory}': not a HF model directory")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path} is not valid JSON: {e}") from None
 
@@ -291,11 +291,10 @@ def read_hf_config(directory: str) -> dict:
 def read_hf_tensors(directory: str) -> dict[str, np.ndarray]:
     """All tensors of a HF directory, from one safetensors file or the shards of an index."""
     st = _safetensors_numpy()
-    index = os.path.join(directory, INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
+    index = paths.join(directory, INDEX_FILE)
+    if paths.isfile(index):
+        files = sorted(set(json.loads(paths.read_text(index))["weight_map"].values()))
+    elif paths.isfile(paths.join(directory, WEIGHTS_FILE)):
         files = [WEIGHTS_FILE]
     else:
         raise ConversionError(
@@ -303,11 +302,12 @@ def read_hf_tensors(directory: str) -> dict[str, np.ndarray]:
         )
     tensors: dict[str, np.ndarray] = {}
     for name in files:
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
+        path = paths.join(directory, name)
+        if not paths.isfile(path):
             raise ConversionError(f"missing weights file '{path}' listed in {INDEX_FILE}")
-        try:
-            tensors.update(st.load_file(path))
+        try:  # a local file is memory-mapped; an object is read whole
+            tensors.update(st.load(paths.read_bytes(path)) if paths.is_remote(path)
+                           else st.load_file(path))
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ConversionError(f"cannot read '{path}': {e}") from None
     return tensors

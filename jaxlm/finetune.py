@@ -21,12 +21,11 @@ head starts from the seed (a classifier source with as many labels passes its he
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, classify, convert
+from jaxlm import checkpoint, classify, convert, paths
 from jaxlm import config as config_lib
 from jaxlm.config import Config, ConfigError
 from jaxlm.configs import base
@@ -50,14 +49,14 @@ def parse(spec: str) -> tuple[str, int | None]:
     """"DIR" or "DIR:STEP" -> (DIR, STEP or None)."""
     path, sep, step = spec.rpartition(":")
     if sep and step.isdigit() and path:
-        return os.path.expanduser(path), int(step)
-    return os.path.expanduser(spec), None
+        return paths.resolve(path), int(step)
+    return paths.resolve(spec), None
 
 
 def source(spec: str, key: str = KEY) -> Source:
     """What `train.init_from` (or `key`) names, checked: one ConfigError line when it is unusable."""
     path, step = parse(spec)
-    if os.path.isdir(checkpoint.checkpoint_dir(path)):
+    if paths.isdir(checkpoint.checkpoint_dir(path)):
         steps = checkpoint.steps(path)
         if not steps:
             raise ConfigError(f"config key '{key}': workdir '{path}' has no finished checkpoint")
@@ -67,7 +66,7 @@ def source(spec: str, key: str = KEY) -> Source:
         step = max(steps) if step is None else step
         model = checkpoint.saved_config(path, step)["model"]
         kind = "workdir"
-    elif step is None and os.path.isfile(os.path.join(path, convert.CONFIG_FILE)):
+    elif step is None and paths.isfile(paths.join(path, convert.CONFIG_FILE)):
         try:
             model = convert.config_from_hf(convert.read_hf_config(path)).to_dict()["model"]
         except convert.ConversionError as e:
@@ -76,8 +75,8 @@ def source(spec: str, key: str = KEY) -> Source:
     else:
         raise ConfigError(f"config key '{key}': '{spec}' is neither a jaxlm workdir (no "
                           "checkpoints/) nor a HF Llama directory (no config.json)")
-    tok = os.path.join(path, "tokenizer.model")
-    if not os.path.isfile(tok):
+    tok = paths.join(path, "tokenizer.model")
+    if not paths.isfile(tok):
         raise ConfigError(f"config key '{key}': '{path}' has no tokenizer.model (jaxlm reads "
                           "text with the source's sentencepiece model)")
     return Source(path, kind, step, model, tok)
@@ -116,16 +115,16 @@ def resolve(cfg: Config) -> tuple[Config, Source | None]:
         raise ConfigError(f"config key 'model.{key}' is {value!r}, but the model of {KEY} "
                           f"'{src.path}' has {src.model[key]!r}; model keys come from the source "
                           "(only " + ", ".join(f"model.{k}" for k in RUNTIME_KEYS) + " may differ)")
-    if cfg.data.tokenizer and os.path.abspath(os.path.expanduser(cfg.data.tokenizer)) != \
-            os.path.abspath(src.tokenizer):  # (a resolved config names the source's)
+    if cfg.data.tokenizer and paths.resolve(cfg.data.tokenizer) != \
+            paths.resolve(src.tokenizer):  # (a resolved config names the source's)
         raise ConfigError(f"config key 'data.tokenizer' ({cfg.data.tokenizer!r}) conflicts with "
                           f"{KEY}: the tokenizer comes from the source ('{src.tokenizer}')")
     model = {k: v for k, v in src.model.items() if k not in RUNTIME_KEYS}
     model["num_labels"] = cfg.model.num_labels
     # Pinned: an absolute path and, for a workdir, the step, so a resume or a `jaxlm.load` of
     # a LoRA run (which reads its base again) finds the same parameters from any directory.
-    pinned = os.path.abspath(src.path) + (f":{src.step}" if src.step is not None else "")
-    return cfg.replace(model=model, data={"tokenizer": os.path.abspath(src.tokenizer)},
+    pinned = paths.resolve(src.path) + (f":{src.step}" if src.step is not None else "")
+    return cfg.replace(model=model, data={"tokenizer": paths.resolve(src.tokenizer)},
                        train={"init_from": pinned}), src
 
 

@@ -33,7 +33,7 @@ import grain
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
-from jaxlm import datasets, finetune_data, tokenizer
+from jaxlm import datasets, finetune_data, paths, tokenizer
 from jaxlm.config import DataConfig
 
 SFT = "sft"
@@ -160,7 +160,7 @@ def prepared_dir(cfg: DataConfig, tok: tokenizer.Tokenizer) -> str:
     everything that shapes the arrays (file contents, tokenizer, template, lengths, rules)."""
     cfg = finetune_data.effective(cfg)
     rules = f"v{FORMAT_VERSION}|{cfg.chat_template}|{cfg.seq_len}|{cfg.too_long}|{cfg.bad_rows}"
-    return os.path.join(datasets.data_dir(cfg), SFT, f"{cfg.local_name}-{inputs_hash(rules, cfg, tok)}")
+    return paths.join(datasets.data_dir(cfg), SFT, f"{cfg.local_name}-{inputs_hash(rules, cfg, tok)}")
 
 
 def inputs_hash(rules: str, cfg: DataConfig, tok: tokenizer.Tokenizer) -> str:
@@ -172,8 +172,7 @@ def inputs_hash(rules: str, cfg: DataConfig, tok: tokenizer.Tokenizer) -> str:
             h.update(f"|{key}|{os.path.basename(path)}|".encode())
             with open(path, "rb") as f:
                 h.update(hashlib.sha256(f.read()).digest())
-    with open(tok.path, "rb") as f:
-        h.update(hashlib.sha256(f.read()).digest())
+    h.update(hashlib.sha256(paths.read_bytes(tok.path)).digest())
     return h.hexdigest()[:12]
 
 
@@ -208,7 +207,15 @@ def publish(out: str, build) -> dict:
     """Make the prepared directory `out` whole or not at all: `build(staging)` writes its files
     into a staging directory beside it and returns the summary, which is written last as
     SUMMARY_FILE; then the directory is renamed into place (another process that got there
-    first wins, and its copy is kept)."""
+    first wins, and its copy is kept). On object storage the directory is built locally and
+    uploaded, its summary last."""
+    if paths.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="jaxlm-prepare-") as staging:
+            summary = build(staging)
+            with open(os.path.join(staging, SUMMARY_FILE), "w") as f:
+                json.dump(summary, f, indent=2)
+            paths.upload_tree(staging, out, last=SUMMARY_FILE)
+        return summary
     os.makedirs(os.path.dirname(out), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out))
     try:
@@ -244,10 +251,9 @@ def prepare(cfg: DataConfig, tok: tokenizer.Tokenizer) -> dict:
     # Every evaluation builds its dataset again: hash the files once per process, not each time.
     out = _PREPARED.get((cfg, tok.path)) or _PREPARED.setdefault((cfg, tok.path),
                                                                  prepared_dir(cfg, tok))
-    summary_path = os.path.join(out, SUMMARY_FILE)
-    if os.path.isfile(summary_path):
-        with open(summary_path) as f:
-            return json.load(f)
+    summary_path = paths.join(out, SUMMARY_FILE)
+    if paths.isfile(summary_path):
+        return json.loads(paths.read_text(summary_path))
     template_parts(cfg.chat_template)
     counts = {"rows": 0, "malformed": {}}
     train_rows = list(_read_rows(jsonl_files(cfg.files, "data.files"), cfg, counts))
@@ -297,11 +303,23 @@ def summary_line(summary: dict) -> str:
 # --- reading -------------------------------------------------------------------------------------
 
 
+_LOCAL: dict[str, str] = {}
+
+
+def local_copy(directory: str) -> str:
+    """A prepared directory on local disk (numpy maps the arrays): itself, or, on object storage,
+    a copy fetched once per process (a prepared directory is named by a hash of its inputs and
+    never rewritten, so the copy cannot go stale)."""
+    if not paths.is_remote(directory):
+        return directory
+    return _LOCAL.get(directory) or _LOCAL.setdefault(directory, paths.local_tree(directory))
+
+
 class Examples:
     """A prepared split as a random-access source of {"tokens", "loss"} (grain reads it)."""
 
     def __init__(self, directory: str, split: str):
-        path = os.path.join(directory, f"{split}.%s.npy")
+        path = os.path.join(local_copy(directory), f"{split}.%s.npy")
         if not os.path.isfile(path % "offsets"):
             raise SFTError(f"SFT split '{split}' is not prepared in '{directory}'")
         self.tokens = np.load(path % "tokens", mmap_mode="r", allow_pickle=False)

@@ -160,6 +160,19 @@ def test_gs_workdir_and_data_dir_train_kill_resume_bitwise(gcs, tmp_path, stdlib
     assert out.returncode == 0, out.stderr
     assert paths.read_bytes(paths.join(workdir, "training.png")).startswith(b"\x89PNG")
 
+    # Fine-tuning from the bucket: init_from a gs:// run, SFT rows prepared into the bucket.
+    sft_run = f"gs://{BUCKET}/runs/sft"
+    out = subprocess.run(_cmd(
+        "train", "--config=configs/tiny_sft.py", f"--workdir={sft_run}",
+        f"--config.train.init_from={workdir}", f"--config.data.data_dir={data_dir}",
+        "--config.data.seq_len=32", "--config.train.steps=4", "--config.train.eval_every=4",
+        "--config.checkpoint.every=4", "--config.train.eval_batches=2"),
+        capture_output=True, text=True, env=_env(gcs), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"initialized from {workdir} (step {steps})" in out.stdout
+    assert len(paths.glob(data_dir, "sft/*/jaxlm_prepare.json")) == 1
+    assert jaxlm.load(sft_run).step == 4
+
     # An export to gs:// loads back from there (through a local copy of the folder).
     hf = f"gs://{BUCKET}/exports/tiny-hf"
     out = subprocess.run(_cmd("export", f"--workdir={workdir}", "--format=hf", f"--out={hf}"),
