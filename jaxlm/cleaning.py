@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import unicodedata
 
 from datasketch import MinHash, MinHashLSH
@@ -78,8 +79,8 @@ class Settings:
         return "c" + hashlib.sha256(json.dumps(dataclasses.asdict(self)).encode()).hexdigest()[:8]
 
 
-def _is_dropped_control(ch: str) -> bool:
-    return ch not in "\n\t" and unicodedata.category(ch) == "Cc"
+# Unicode's control characters (category Cc) are exactly U+0000-U+001F and U+007F-U+009F.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all of them but \t (09) and \n (0a)
 
 
 class Cleaner:
@@ -102,7 +103,7 @@ class Cleaner:
                 self.counts["nfc_changed"] += 1
             text = normal
         if s.control:
-            kept = "".join(ch for ch in text if not _is_dropped_control(ch))
+            kept = _CONTROL.sub("", text)
             if count and len(kept) != len(text):
                 self.counts["control_chars_removed_from"] += 1
             text = kept
