@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 
-from jaxlm import datasets, tasks
+from jaxlm import datasets, paths, tasks
 from jaxlm.config import DataConfig
 
 VERSION = 1  # bump when the rows change, so old copies are rebuilt
@@ -101,30 +101,30 @@ def sft_dir(data_cfg: DataConfig) -> str:
 def write_sft(data_cfg: DataConfig) -> tuple[str, str]:
     """(train, validation) JSONL paths of the stdlib SFT rows, written once."""
     out = sft_dir(data_cfg)
-    paths = tuple(os.path.join(out, f"sft.{split}.jsonl") for split in ("train", "validation"))
-    if all(os.path.isfile(p) for p in paths):
-        return paths
+    files = tuple(os.path.join(out, f"sft.{split}.jsonl") for split in ("train", "validation"))
+    if all(os.path.isfile(p) for p in files):
+        return files
     stdlib = dataclasses.replace(data_cfg, dataset=datasets.STDLIB, text_field="text")
     os.makedirs(out, exist_ok=True)
-    for path, split in zip(paths, ("train", "validation"), strict=True):
+    for path, split in zip(files, ("train", "validation"), strict=True):
         rows = sft_rows(tasks.documents(datasets.source(stdlib, split)))
-        tasks.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return paths
+        paths.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return files
 
 
 def write_classify(data_cfg: DataConfig) -> tuple[str, str]:
     """(train, validation) JSONL paths of the stdlib classification rows, written once."""
     out = sft_dir(data_cfg)
-    paths = tuple(os.path.join(out, f"classify.{split}.jsonl") for split in ("train", "validation"))
-    if all(os.path.isfile(p) for p in paths):
-        return paths
+    files = tuple(os.path.join(out, f"classify.{split}.jsonl") for split in ("train", "validation"))
+    if all(os.path.isfile(p) for p in files):
+        return files
     stdlib = dataclasses.replace(data_cfg, dataset=datasets.STDLIB, text_field="text")
     docs = [d for split in ("train", "validation")
             for d in tasks.documents(datasets.source(stdlib, split))]
     os.makedirs(out, exist_ok=True)
-    for path, rows in zip(paths, classify_rows(docs), strict=True):
-        tasks.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return paths
+    for path, rows in zip(files, classify_rows(docs), strict=True):
+        paths.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return files
 
 
 def effective(data_cfg: DataConfig) -> DataConfig:

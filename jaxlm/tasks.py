@@ -26,7 +26,7 @@ import json
 import os
 import random
 
-from jaxlm import datasets
+from jaxlm import datasets, paths
 from jaxlm.config import DataConfig
 
 VERSION = 1  # bump when what the tasks contain changes, so old copies are rebuilt
@@ -214,14 +214,7 @@ def build(docs: list[tuple[str, str]], out: str) -> str:
         files = {}
         for split, rows in splits.items():
             files[split] = os.path.abspath(os.path.join(out, f"{name}.{split}.jsonl"))
-            write_atomic(files[split], "".join(json.dumps(r, ensure_ascii=False) + "\n"
+            paths.write_text(files[split], "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                 for r in rows))
-        write_atomic(os.path.join(out, f"{name}.yaml"), _yaml(name, files, body % VERSION))
+        paths.write_text(os.path.join(out, f"{name}.yaml"), _yaml(name, files, body % VERSION))
     return out
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
