@@ -155,7 +155,7 @@ class _CleanedSplits:
 
 
 def _config_name(name: str, settings: cleaning.Settings) -> str:
-    return f"{name}_{settings.tag()}" if settings.active() else name
+    return f"{name}_{tag}" if (tag := settings.tag()) else name
 
 
 class StdlibCorpus(_CleanedSplits, tfds.core.GeneratorBasedBuilder):

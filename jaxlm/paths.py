@@ -57,15 +57,15 @@ def _p(path: str) -> epath.Path:
 
 
 def exists(path: str) -> bool:
-    return os.path.exists(resolve(path)) if not is_remote(path) else _p(path).exists()
+    return _p(path).exists()
 
 
 def isfile(path: str) -> bool:
-    return os.path.isfile(resolve(path)) if not is_remote(path) else _p(path).is_file()
+    return _p(path).is_file()
 
 
 def isdir(path: str) -> bool:
-    return os.path.isdir(resolve(path)) if not is_remote(path) else _p(path).is_dir()
+    return _p(path).is_dir()
 
 
 def makedirs(path: str) -> None:
@@ -114,10 +114,6 @@ def copy(src: str, dst: str) -> None:
 def rename(src: str, dst: str) -> None:
     """Move a file or folder (on object storage: copy, then delete)."""
     _p(src).rename(_p(dst))
-
-
-def remove_tree(path: str) -> None:
-    _p(path).rmtree(missing_ok=True)
 
 
 def cache_path(path: str) -> str:
