@@ -50,18 +50,23 @@ class Stop:
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested = False  # changes only in check(): the loop's decisions of one step agree
+        self._signalled = False  # set by the handler, at any moment
         self._coordinated = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
         self._previous = None
         if not self._coordinated:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self._signalled = True
 
     def check(self, step: int) -> bool:
         if self._coordinated and not self.requested:
             self.requested = multihost_utils.reached_preemption_sync_point(step)
+        elif not self._coordinated:
+            # Latched here, not in the handler: a signal landing between the loop's "save now?"
+            # and "stop now?" would otherwise end the run without saving the step it stops at.
+            self.requested = self._signalled
         return self.requested
 
     def restore(self):
