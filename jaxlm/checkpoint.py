@@ -151,10 +151,11 @@ def data_position(step: int, step_dir: str, streams: int) -> dict:
     (grain's format: one stream's state, or {"parents": [...]} for a process reading several),
     for a run of `streams` input streams on any number of processes.
 
-    Stream s was read by process s % P, as its (s // P)-th stream (data.streams). With the same
-    streams, the data order does not depend on the process count, so a step written by P
-    processes resumes on P' (any count dividing the streams): each stream's state is taken from
-    the file that holds it and this process's streams are put back together."""
+    Process i of P read the streams i * S/P, ..., (i + 1) * S/P - 1 of the S = `data.streams`
+    (jaxlm/data.py, `streams`). With the same streams, the data order does not depend on the
+    process count, so a step written by P processes resumes on P' (any count dividing the
+    streams): each stream's state is taken from the file that holds it and this process's
+    streams are put back together."""
     names = paths.glob(step_dir, "data/process_*-of-*.json")
     found = {tuple(map(int, m.groups())): name for name in names
              if (m := re.search(r"process_(\d+)-of-(\d+)\.json$", name))}
@@ -171,14 +172,29 @@ def data_position(step: int, step_dir: str, streams: int) -> dict:
             raise Damaged(step, paths.join(step_dir, "data", f"process_{i}-of-{old}.json"), "missing")
         state = json.loads(paths.read_text(found[i, old]))
         parts = state["parents"] if "parents" in state else [state]
-        states.update({i + k * old: part for k, part in enumerate(parts)})
+        states.update({i * len(parts) + k: part for k, part in enumerate(parts)})
     if len(states) != streams:
         raise Mismatch(step, f"it holds the data positions of {len(states)} input streams, read by "
                              f"{old} processes; this run has {streams} on {count} processes. Set "
                              f"data.streams={len(states)} to resume it on a number of processes that "
                              f"divides {len(states)}")
-    mine = [states[s] for s in range(index, streams, count)]
+    per = streams // count
+    mine = [states[s] for s in range(index * per, (index + 1) * per)]
     return mine[0] if len(mine) == 1 else {"parents": mine}
+
+
+def elastic_note(workdir: str, step: int, joined: bool) -> str | None:
+    """A line for a resume on another number of processes that cannot be bit for bit: on CPU,
+    processes that joined through jax.distributed sum across devices with gloo, a process that
+    did not (`joined` False) in XLA's own order (jaxlm/distributed.py)."""
+    names = paths.glob(paths.join(checkpoint_dir(workdir), str(step)), "data/process_*-of-*.json")
+    old = {int(m.group(1)) for n in names if (m := re.search(r"-of-(\d+)\.json$", n))}
+    if joined or jax.default_backend() != "cpu" or old in ({jax.process_count()}, set()):
+        return None
+    return (f"jaxlm: note: step {step} was written by {max(old)} processes, which sum through "
+            "gloo; this process did not join through jax.distributed and sums in XLA's own "
+            "order, so from here the parameters agree with an uninterrupted run to about 1e-6, "
+            "not bit for bit (start it with --num_processes=1 for the same bits)")
 
 
 class _IteratorSnapshot:

@@ -64,7 +64,8 @@ def distributed_flags(fv):
     workdir_flag(fv)
     flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs",
                         flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, "processes in this run", flag_values=fv,
+    flags.DEFINE_integer("num_processes", None, "processes in this run (1 alone: join anyway, "
+                         "so sums go through gloo as in multi-process runs)", flag_values=fv,
                          lower_bound=1)
     flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv, lower_bound=0)
     flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for all processes to join",

@@ -136,10 +136,12 @@ def _pack(docs: grain.MapDataset, tok, feature: str, seq_len: int, with_bytes: b
 
 
 def streams(cfg: Config, shard: Shard) -> list[Shard]:
-    """The input streams this process reads: streams pid, pid + P, ... of `data.streams`
-    (0 = one per process). Each stream is its own shuffled, packed pipeline over every S-th
-    document, and the global batch is the streams' rows in stream order, so with `data.streams`
-    fixed the batches do not depend on how many processes read them."""
+    """The input streams this process reads: of S = `data.streams` (0 = one per process), process
+    p of P reads the S/P streams p * S/P, ..., (p + 1) * S/P - 1. Each stream is its own packed
+    pipeline over every S-th document (shuffled, for training), and a process's rows are its
+    streams' side by side; jax puts process p's rows after process p - 1's, so the global batch is
+    the streams' rows in stream order, and with `data.streams` fixed the batches do not depend on
+    how many processes read them."""
     total = cfg.data.streams or shard.count
     if total % shard.count:
         raise datasets.DataError(f"config key 'data.streams' ({total}) must be a multiple of the "
@@ -148,7 +150,8 @@ def streams(cfg: Config, shard: Shard) -> list[Shard]:
         raise datasets.DataError(f"config key 'train.global_batch_size' "
                                  f"({cfg.train.global_batch_size}) must be divisible by the "
                                  f"number of input streams, data.streams ({total})")
-    return [Shard(i, total) for i in range(shard.index, total, shard.count)]
+    per = total // shard.count
+    return [Shard(i, total) for i in range(shard.index * per, (shard.index + 1) * per)]
 
 
 def _concat_rows(parts) -> dict:
@@ -175,15 +178,34 @@ def train_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.It
     return ds if rows_ready else ds.map(model_batch)
 
 
-def eval_dataset(cfg: Config, shard: Shard | None = None, tok=None) -> grain.IterDataset:
-    """The validation split once, in order, packed; the last batch padded with weight-0 rows."""
+def eval_dataset(cfg: Config, shard: Shard | None = None, tok=None):
+    """This process's validation batches: its input streams (`streams`) read the split once, in
+    order, packed, side by side; a stream that has run out gives weight-0 rows until all of this
+    process's have. Like the training batches, the global ones do not depend on the process count
+    when `data.streams` is fixed."""
     shard = shard or Shard.of_this_process()
     tok = tok or tokenizer.for_config(cfg)
-    rows = per_process_batch(cfg, shard)
+    mine = streams(cfg, shard)
+    rows = per_process_batch(cfg, shard) // len(mine)
+    split = cfg.data.eval_split
     if cfg.data.dataset in classify.DATASETS:
-        return classify.rows(cfg, cfg.data.eval_split, shard, False, tok).batch(
-            rows, drop_remainder=False).map(lambda b: _pad_rows(b, rows))
-    return _eval_batches(packed(cfg, cfg.data.eval_split, shard, False, tok, rows), rows)
+        parts = [classify.rows(cfg, split, s, False, tok).batch(rows, drop_remainder=False)
+                 .map(lambda b: _pad_rows(b, rows)) for s in mine]
+        empty = classify.empty_batch(cfg, rows)
+    else:
+        parts = [_eval_batches(packed(cfg, split, s, False, tok, rows), rows) for s in mine]
+        empty = empty_batch(cfg, rows=rows)
+    return parts[0] if len(parts) == 1 else _side_by_side(parts, empty)
+
+
+def _side_by_side(parts, empty: dict):
+    """One batch of every part per step, `empty` for a part that has ended, until all have."""
+    iterators = [iter(p) for p in parts]
+    while True:
+        got = [next(it, None) for it in iterators]
+        if all(b is None for b in got):
+            return
+        yield _concat_rows([empty if b is None else b for b in got])
 
 
 def texts_dataset(cfg: Config, texts: list[str], shard: Shard | None = None,
@@ -201,10 +223,10 @@ def _eval_batches(rows: grain.IterDataset, batch: int) -> grain.IterDataset:
     return rows.batch(batch, drop_remainder=False).map(lambda b: model_batch(_pad_rows(b, batch)))
 
 
-def empty_batch(cfg: Config, shard: Shard | None = None) -> dict:
-    """A validation batch of this process's shape whose weights and target_bytes are all 0 (it
-    adds nothing to a loss)."""
-    rows = per_process_batch(cfg, shard or Shard.of_this_process())
+def empty_batch(cfg: Config, shard: Shard | None = None, rows: int | None = None) -> dict:
+    """A validation batch of this process's shape (or of `rows` rows) whose weights and
+    target_bytes are all 0 (it adds nothing to a loss)."""
+    rows = rows or per_process_batch(cfg, shard or Shard.of_this_process())
     if cfg.data.dataset in classify.DATASETS:
         return classify.empty_batch(cfg, rows)
     zeros = np.zeros((rows, cfg.data.seq_len), np.int32)

@@ -5,14 +5,20 @@ A run is multi-process when the command line says so (`--coordinator`, `--num_pr
 does: SLURM (`srun`, SLURM_NTASKS > 1), Open MPI (OMPI_COMM_WORLD_SIZE > 1) or a multi-host Cloud
 TPU slice (TPU_WORKER_HOSTNAMES lists several hosts); jax reads those environments itself.
 
-On CPU the cross-process collectives go through gloo. Every process waits at most `timeout`
-seconds for the others. A process that never joins would make jax abort the rest with a fatal
-log and a C++ stack trace; jaxlm's own watchdog ends each waiting process first, with one line
-that names the missing processes, and exit status 1. It knows which ones are missing from join
-marks: each process writes `WORKDIR/joining/process_<i>.json` before it waits (the workdir is
-shared by all processes, as checkpoints need) and removes it once all have joined. A process that
-gives up leaves its mark, for the others and for a post-mortem; marks older than the timeout are
-from an earlier attempt and are ignored.
+On CPU every cross-device sum then goes through gloo, between the devices of one process too.
+gloo's order of addition depends only on the number of devices, not on how they are spread over
+processes, so 2 processes x 4 devices and 1 x 8 give the same bits; XLA's own in-process sum (a
+one-process run that does not join) adds in another order. `--num_processes=1` alone joins a
+one-process run through gloo (on a free local port), so that it can hand over to, or take over
+from, a multi-process run bit for bit (elastic resume, docs/checkpoints.md).
+
+Every process waits at most `timeout` seconds for the others. A process that never joins would
+make jax abort the rest with a fatal log and a C++ stack trace; jaxlm's own watchdog ends each
+waiting process first, with one line that names the missing processes, and exit status 1. It knows
+which ones are missing from join marks: each process writes `WORKDIR/joining/process_<i>.json`
+before it waits (the workdir is shared by all processes, as checkpoints need) and removes it once
+all have joined. A process that gives up leaves its mark, for the others and for a post-mortem;
+marks older than the timeout are from an earlier attempt and are ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import jax
 from etils import epath
 
 GRACE = 30  # jax's own deadline is this much later than jaxlm's, so jaxlm's line comes first
+joined = False  # whether this process joined through jax.distributed (set by `initialize`)
 
 
 def launcher_environment() -> str | None:
@@ -110,10 +117,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout: int = 300,
                workdir: str | None = None) -> bool:
     """Join the other processes of this run; False (and nothing done) for a single process."""
+    global joined
     explicit = coordinator is not None or num_processes is not None or process_id is not None
+    if num_processes == 1 and coordinator is None and process_id in (None, 0):
+        coordinator, process_id = f"127.0.0.1:{_free_port()}", 0  # a one-process run, via gloo
     if explicit and None in (coordinator, num_processes, process_id):
         raise ValueError("multi-process runs need all of --coordinator, --num_processes and "
-                         "--process_id")
+                         "--process_id (a one-process run only --num_processes=1)")
     source = "flags" if explicit else launcher_environment()
     if source is None:
         return False
@@ -148,4 +158,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     watchdog.cancel()
     if marks:
         marks.remove(me)
+    joined = True
     return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -29,6 +29,7 @@ from jaxlm import (
     attention,
     checkpoint,
     data,
+    distributed,
     finetune,
     lora,
     metrics,
@@ -365,6 +366,9 @@ def run(cfg: Config, workdir: str) -> tuple[TrainState, dict]:
             if jax.process_index() == 0:  # one writer: another would replace the file under it
                 metrics.truncate_after(workdir, start)
             print(f"resumed from step {start}", flush=True)
+            if jax.process_index() == 0 and (note := checkpoint.elastic_note(
+                    workdir, start, distributed.joined)):
+                print(note, flush=True)
         elif source is not None and not cfg.lora.rank:
             params = finetune.initial_params(source, with_shardings(abstract.params, shardings.params))
             state = init_state(cfg, tx, shardings, params, frozen)

@@ -355,18 +355,27 @@ def test_data_and_tokenizer_commands(tmp_path, cfg):
         tokenizer.Tokenizer(str(model_path)).encode("x = 1\n")) == "x = 1\n"
 
 
-def test_streams_make_batches_independent_of_process_count(cfg, tok):
+@pytest.mark.parametrize("streams", [2, 4])
+def test_streams_make_batches_independent_of_process_count(cfg, tok, streams):
     """With data.streams fixed, one process's batch equals two processes' halves side by side,
-    the layout that jax assembles into the global batch."""
-    two = cfg.replace(data={"streams": 2})
-    alone = iter(data.train_dataset(two, Shard(0, 1), tok))
-    first = iter(data.train_dataset(two, Shard(0, 2), tok))
-    second = iter(data.train_dataset(two, Shard(1, 2), tok))
-    for _ in range(3):
-        whole, a, b = next(alone), next(first), next(second)
-        assert a["inputs"].shape == (4, SEQ)
-        for key in whole:
-            np.testing.assert_array_equal(whole[key], np.concatenate([a[key], b[key]]))
+    the layout that jax assembles into the global batch (process 0's rows first), for training
+    and validation batches. With 4 streams each of the two processes reads two."""
+    fixed = cfg.replace(data={"streams": streams})
+    for make, batches in ((data.train_dataset, 3), (data.eval_dataset, 1000)):
+        alone = iter(make(fixed, Shard(0, 1), tok))
+        first = iter(make(fixed, Shard(0, 2), tok))
+        second = iter(make(fixed, Shard(1, 2), tok))
+        for i in range(batches):
+            whole, a, b = next(alone, None), next(first, None), next(second, None)
+            if whole is None:  # the validation split is read once
+                assert (a, b) == (None, None) and i > 2
+                break
+            # A process that has run out feeds weight-0 rows while another still reads.
+            a = data.empty_batch(fixed, Shard(0, 2)) if a is None else a
+            b = data.empty_batch(fixed, Shard(1, 2)) if b is None else b
+            assert a["inputs"].shape == (4, SEQ)
+            for key in whole:
+                np.testing.assert_array_equal(whole[key], np.concatenate([a[key], b[key]]))
     # Without fixed streams, the data depends on the process count (the test can fail).
     default_alone = next(iter(data.train_dataset(cfg, Shard(0, 1), tok)))
     assert not np.array_equal(default_alone["inputs"][:4], next(iter(

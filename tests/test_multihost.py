@@ -80,30 +80,27 @@ def test_two_processes_train_like_one(tmp_path, flags):
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
-    # Elastic resume: with data.streams fixed (2 here), the two-process checkpoint resumes in
-    # one process, and the one-process checkpoint in two, each on the same data as a one-process
-    # run resumed in one process (its losses; the params after step 4 differ at 1e-7 between
-    # gloo's and XLA's sums, so a wrong data position would show as a loss off by far more).
-    def resume(workdir, processes, copy_to):
+    # A one-process run that does not join sums in XLA's own order, not gloo's: resuming the
+    # two-process checkpoint there keeps the data order (the losses agree with a one-process run
+    # resumed in one process; a wrong data position would be off by far more than the 1e-7 the
+    # sums differ by) and says in one line that the bits will differ. Bitwise: the next test.
+    def resume(workdir, copy_to):
         shutil.copytree(workdir, copy_to)
-        extra = ["--config.train.steps=6", f"--workdir={copy_to}"]
-        if processes == 1:
-            out = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *flags, *extra],
-                                 capture_output=True, text=True, timeout=300,
-                                 env=env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-        else:
-            out = subprocess.run(["bash", LAUNCH, "2", "train", *flags, *extra], capture_output=True,
-                                 text=True, timeout=300,
-                                 env=env(JAXLM=JAXLM, LOCAL_DEVICES="4", LOG_DIR=str(tmp_path)))
+        out = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *flags,
+                              "--config.train.steps=6", f"--workdir={copy_to}"],
+                             capture_output=True, text=True, timeout=300,
+                             env=env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
         assert out.returncode == 0, out.stderr
         assert "resumed from step 4" in out.stdout
-        return losses(copy_to)
+        return losses(copy_to), out.stdout
 
-    reference = resume(one, 1, str(tmp_path / "one_one"))
-    assert len(reference) == 6
-    for got in (resume(two, 1, str(tmp_path / "two_one")), resume(one, 2, str(tmp_path / "one_two"))):
-        assert len(got) == 6, got
-        np.testing.assert_allclose(got[4:], reference[4:], rtol=1e-5)
+    reference, stdout = resume(one, str(tmp_path / "one_one"))
+    assert len(reference) == 6 and "jaxlm: note" not in stdout
+    got, stdout = resume(two, str(tmp_path / "two_one"))
+    assert len(got) == 6, got
+    np.testing.assert_allclose(got[4:], reference[4:], rtol=1e-5)
+    assert ("jaxlm: note: step 4 was written by 2 processes, which sum through gloo; this process "
+            "did not join") in stdout and "--num_processes=1 for the same bits" in stdout
     # Other stream orders do not hold the same data: another data.streams is one clear line.
     out = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *flags, f"--workdir={two}",
                           "--config.train.steps=6", "--config.data.streams=4"],
@@ -113,6 +110,57 @@ def test_two_processes_train_like_one(tmp_path, flags):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("jaxlm: error: checkpoint step 4 does not match this config") and (
         "data positions of 2 input streams" in last)
+
+
+def launch(processes: int, args: list[str], log_dir) -> subprocess.Popen:
+    """`processes` joined processes over 8 CPU devices in all: one process joins too, alone,
+    with `--num_processes=1` and no other flag; more through the launcher."""
+    if processes == 1:
+        return subprocess.Popen(
+            [sys.executable, "-m", "jaxlm.cli", "train", *args, "--num_processes=1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env=env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    return subprocess.Popen(["bash", LAUNCH, str(processes), "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            env=env(JAXLM=JAXLM, LOCAL_DEVICES=str(8 // processes),
+                                    LOG_DIR=str(log_dir)))
+
+
+def finish(proc: subprocess.Popen) -> str:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return stdout
+
+
+def test_elastic_resume_is_bitwise(tmp_path, flags):
+    """A run of 2 processes x 4 devices killed with SIGKILL after a checkpoint and resumed as
+    1 process x 8 devices, and one of 1 x 8 resumed as 2 x 4, end with the uninterrupted run's
+    parameters bit for bit, with the same loss at every step and the same validation loss.
+    data.streams=4, so each of two processes reads two input streams and the one process four."""
+    args = [*flags, "--config.data.streams=4", "--config.train.steps=40",
+            "--config.checkpoint.every=3"]
+    straight = str(tmp_path / "straight")
+    final = last_json(finish(launch(2, [*args, f"--workdir={straight}"], tmp_path)))
+    expected = jax.tree.leaves(jax.tree.map(np.asarray, nnx.to_pure_dict(jaxlm.load(straight).params)))
+    for first, then in ((2, 1), (1, 2)):
+        workdir = str(tmp_path / f"{first}_then_{then}")
+        proc = launch(first, [*args, f"--workdir={workdir}"], tmp_path)
+        try:
+            while proc.poll() is None and not os.path.isdir(os.path.join(workdir, "checkpoints", "3")):
+                time.sleep(0.01)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every process it started
+            proc.communicate()
+        stdout = finish(launch(then, [*args, f"--workdir={workdir}"], tmp_path))
+        resumed = int(stdout.split("resumed from step ")[1].split()[0])
+        assert 3 <= resumed < 40 and "jaxlm: note" not in stdout, stdout
+        assert f"joining {then} processes" in stdout
+        assert losses(workdir) == losses(straight)
+        assert last_json(stdout)["eval_loss"] == final["eval_loss"]
+        got = jax.tree.leaves(jax.tree.map(np.asarray, nnx.to_pure_dict(jaxlm.load(workdir).params)))
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def free_port():

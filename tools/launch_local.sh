@@ -22,9 +22,12 @@ timeout=${DISTRIBUTED_TIMEOUT:-120}
 port=${PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
 args=$(printf ' %q' "$@")
+# The caller's XLA_FLAGS stay (compiler options can change the last bits of a result), with the
+# device count added.
+xla_flags=$(printf '%q' "${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices")
 commands=()
 for ((i = 0; i < n; i++)); do
-  commands+=("exec env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=$devices $jaxlm$args --coordinator=127.0.0.1:$port --num_processes=$n --process_id=$i --distributed_timeout=$timeout")
+  commands+=("exec env JAX_PLATFORMS=cpu XLA_FLAGS=$xla_flags $jaxlm$args --coordinator=127.0.0.1:$port --num_processes=$n --process_id=$i --distributed_timeout=$timeout")
 done
 if ((dry_run)); then
   printf '%s\n' "${commands[@]}"
