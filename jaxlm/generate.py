@@ -235,24 +235,15 @@ class Generator:
         self.compiled: dict[tuple[int, int, int], tuple] = {}  # (B, P, buffer) -> programs
         # Per-layer weight buffers on CPU (model.unstack_layers says why), made once per params.
         self.unstack = mesh.devices.flat[0].platform == "cpu"
-        self._layers: tuple | None = None  # (params, params for the programs, layers)
+        self._layers: tuple[int, list] | None = None
 
     def layers_for(self, params):
-        """(params, layers) for the programs: on CPU, per-layer blocks and an untied float output
-        layer stored [in, out] (`quantize.Transposed`); elsewhere `params` and None."""
         if not self.unstack:
-            return params, None
-        if self._layers is None or self._layers[0] is not params:
+            return None
+        if self._layers is None or self._layers[0] != id(params):
             with jax.set_mesh(self.mesh):
-                head = params.get("w_out_VD")
-                if head is not None and isinstance(head.get_value(), jax.Array):
-                    flat = [(path, v.replace(quantize.Transposed.of(v.get_value(), 1))
-                             if path == ("w_out_VD",) else v) for path, v in params.flat_state()]
-                    prepared = nnx.State.from_flat_path(flat)
-                else:
-                    prepared = params
-                self._layers = (params, prepared, model.unstack_layers(params))
-        return self._layers[1:]
+                self._layers = (id(params), model.unstack_layers(params))
+        return self._layers[1]
 
     def _programs(self, buffer: int, params, layers, args, seed, s):
         """(prefill, decode) compiled for these shapes, once (timed apart from generation)."""
@@ -299,7 +290,7 @@ class Generator:
             args = (jax.device_put(tokens, batch), jax.device_put(start, row),
                     jax.device_put(active, row), jax.device_put(allowed, batch))
             t_compile = time.perf_counter()
-            params, layers = self.layers_for(params)
+            layers = self.layers_for(params)
             prefill, decode = self._programs(buffer, params, layers, args, jnp.uint32(seed), s)
             t0 = time.perf_counter()
             state = prefill(params, layers, *args, jnp.uint32(seed), s)

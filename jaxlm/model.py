@@ -458,20 +458,10 @@ def unstack_layers(params):
     and XLA:CPU copies every slice of a stacked weight (scanned or unrolled) before a matmul
     reads it, which tripled the bytes moved per token (docs/performance.md). Separate buffers
     per layer are read in place; the price is a second copy of the block weights in host memory.
-    Accelerators keep the stacked layout (their compilers read the slice in place). The float
-    matmul weights are also stored [in, out] (`quantize.Transposed`), which XLA:CPU reads faster
-    for the few rows of a decode step."""
+    Accelerators keep the stacked layout (their compilers read the slice in place)."""
     blocks = params["blocks"]
     n = jax.tree.leaves(blocks)[0].shape[0]
-
-    def one(i):
-        flat = jax.tree.map(lambda a: a[i], blocks).flat_state()
-        return nnx.State.from_flat_path([
-            (path, v.replace(quantize.Transposed.of(v.get_value(), quantize.CONTRACTED[path[-1]]))
-             if path[-1] in quantize.CONTRACTED and isinstance(v.get_value(), jax.Array) else v)
-            for path, v in flat])
-
-    return [one(i) for i in range(n)]
+    return [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n)]
 
 
 def init(cfg: ModelConfig, seed: int = 0) -> Decoder:

@@ -52,22 +52,6 @@ class QArray:
         return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Transposed:
-    """A float weight [out axes, in axes] stored as one 2-D [in, out] matrix, for decoding on
-    CPU: XLA:CPU's product of a few rows with an [in, out] matrix reads it 1.3-1.4x faster than
-    with the same matrix [out, in] (docs/performance.md, "Generation")."""
-
-    t: jax.Array  # [prod(in axes), prod(out axes)]
-    out_shape: tuple = dataclasses.field(metadata={"static": True})
-
-    @staticmethod
-    def of(w: jax.Array, contracted: int) -> Transposed:
-        out_shape = tuple(w.shape[: w.ndim - contracted])
-        return Transposed(w.reshape(math.prod(out_shape), -1).T.copy(), out_shape)
-
-
 def check_kind(kind: str | None) -> str:
     kind = kind or "none"
     if kind not in KINDS:
@@ -118,10 +102,6 @@ def einsum(spec: str, x, w, dtype, **kwargs) -> jax.Array:
     if not (x_axes.endswith(w_axes[len(w_axes) - c:]) and out_axes == x_axes[:len(x_axes) - c]
             + w_axes[:len(w_axes) - c]):
         raise ValueError(f"einsum spec {spec!r} is not [.., in] x [out, in] -> [.., out]")
-    if isinstance(w, Transposed):
-        out = jax.lax.dot_general(x.reshape(-1, w.t.shape[0]), w.t.astype(dtype),
-                                  (((1,), (0,)), ((), ())), **kwargs)
-        return out.reshape(x.shape[: x.ndim - c] + w.out_shape)
     q = w.q if isinstance(w, QArray) else w
     n_in = math.prod(q.shape[q.ndim - c:])
     n_out = math.prod(q.shape[: q.ndim - c])
