@@ -156,9 +156,7 @@ def data_position(step: int, step_dir: str, streams: int) -> dict:
     process count, so a step written by P processes resumes on P' (any count dividing the
     streams): each stream's state is taken from the file that holds it and this process's
     streams are put back together."""
-    names = paths.glob(step_dir, "data/process_*-of-*.json")
-    found = {tuple(map(int, m.groups())): name for name in names
-             if (m := re.search(r"process_(\d+)-of-(\d+)\.json$", name))}
+    found = _data_files(step_dir)
     writers = {count for _, count in found}
     index, count = jax.process_index(), jax.process_count()
     if len(writers) != 1:
@@ -183,12 +181,18 @@ def data_position(step: int, step_dir: str, streams: int) -> dict:
     return mine[0] if len(mine) == 1 else {"parents": mine}
 
 
+def _data_files(step_dir: str) -> dict[tuple[int, int], str]:
+    """A step's data-iterator files, `data/process_<i>-of-<P>.json`, by (i, P)."""
+    names = paths.glob(step_dir, "data/process_*-of-*.json")
+    return {tuple(map(int, m.groups())): name for name in names
+            if (m := re.search(r"process_(\d+)-of-(\d+)\.json$", name))}
+
+
 def elastic_note(workdir: str, step: int, joined: bool) -> str | None:
     """A line for a resume on another number of processes that cannot be bit for bit: on CPU,
     processes that joined through jax.distributed sum across devices with gloo, a process that
     did not (`joined` False) in XLA's own order (jaxlm/distributed.py)."""
-    names = paths.glob(paths.join(checkpoint_dir(workdir), str(step)), "data/process_*-of-*.json")
-    old = {int(m.group(1)) for n in names if (m := re.search(r"-of-(\d+)\.json$", n))}
+    old = {count for _, count in _data_files(paths.join(checkpoint_dir(workdir), str(step)))}
     if joined or jax.default_backend() != "cpu" or old in ({jax.process_count()}, set()):
         return None
     return (f"jaxlm: note: step {step} was written by {max(old)} processes, which sum through "
