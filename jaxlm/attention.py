@@ -145,6 +145,22 @@ def masked_attention(q_BLHK, k_BSGK, v_BSGK, allowed_BLS):
     return out_BLGRK.reshape(B, L, H, K)
 
 
+def cached_attention(q_BLHK, k_BGTK, v_BGKT, allowed_BLT):
+    """Attention of L new queries over a KV cache's keys [B, G, T] (their own already written
+    there) where `allowed_BLT` is true (jaxlm/kv_cache.py makes the mask, and says why the
+    cache's values are [B, G, K, T]). The decode step has L = 1: one row of scores per head,
+    so materializing them costs nothing. Every query must be allowed at least one key."""
+    B, L, H, K = q_BLHK.shape
+    G = k_BGTK.shape[1]
+    q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K) * jnp.asarray(K**-0.5, q_BLHK.dtype)
+    scores_BGRLT = jnp.einsum(
+        "BLGRK,BGTK->BGRLT", q_BLGRK, k_BGTK, preferred_element_type=jnp.float32)
+    scores_BGRLT = jnp.where(allowed_BLT[:, None, None], scores_BGRLT, -jnp.inf)
+    probs_BGRLT = jax.nn.softmax(scores_BGRLT, axis=-1).astype(v_BGKT.dtype)
+    out_BLGRK = jnp.einsum("BGRLT,BGKT->BLGRK", probs_BGRLT, v_BGKT)
+    return out_BLGRK.reshape(B, L, H, K)
+
+
 # --- The `xla` implementation: blockwise, in plain jnp. ------------------------------------------
 #
 # Work is split per (batch row, kv head) and into blocks of BLOCK queries. A query block only

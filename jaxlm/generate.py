@@ -147,7 +147,8 @@ def make_prefill(cfg: ModelConfig, graphdef, buffer: int):
     def prefill(params, layers, tokens_BP, start_B, active_B, first_allowed_BV, seed, s: Settings):
         B, P = tokens_BP.shape
         segment_ids_BP, positions_BP = left_padded(start_B, P)
-        cache = model.KVCache.empty(cfg, B, P + buffer, start_B)
+        # Per-layer cache buffers go with per-layer weights, except at batch 1 (kv_cache.py).
+        cache = model.KVCache.empty(cfg, B, P + buffer, start_B, per_layer=layers is not None and B > 1)
         decoder = nnx.merge(graphdef, params)
         logits_B1V, cache = decoder(tokens_BP, segment_ids_BP, positions_BP, cache=cache,
                                     last_only=True, layers=layers)

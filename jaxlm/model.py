@@ -15,10 +15,11 @@ The blocks are always stored stacked, with a leading `layers` axis, whether they
 `lax.scan` (`scan_layers=True`: one compiled body, fast compile) or an unrolled Python loop.
 One parameter layout for both keeps checkpoints and HF conversion independent of that choice.
 
-Decoding uses the same code: a `KVCache` (keys and values stacked along `layers` like the params)
-is passed through the same layer loop, and each attention writes its new keys and values into it.
+Decoding uses the same code: a `KVCache` (jaxlm/kv_cache.py: keys and values stacked along
+`layers` like the params, or per layer with per-layer weights) is passed through the same layer
+loop, and each attention writes its new keys and values into it.
 A matmul weight may hold a `quantize.QArray` (int8 + scales) instead of a float array; `_matmul`
-dequantizes it inside the jitted program (jaxlm/quantize.py). It may also hold a
+multiplies by it inside the jitted program (jaxlm/quantize.py). It may also hold a
 `lora.LoraWeight` (a frozen weight and its low-rank factors), whose two products `_matmul` adds.
 """
 
@@ -33,46 +34,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm import attention as attention_lib
-from jaxlm import lora, pipeline, quantize
+from jaxlm import kv_cache, lora, pipeline, quantize
 from jaxlm.config import ModelConfig
+from jaxlm.kv_cache import KVCache, head_dim
 from jaxlm.sharding import constrain
 
 ACTIVATION = ("batch", "length", "embed")
-# Logical names of the KV cache's k and v arrays [N, B, T, G, K] (T: cache length, in slots).
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    """Keys and values of every layer for a batch of left-padded rows, in T slots per row.
-
-    Slots are filled left to right, the same slot for every row at once (rows are left-padded, so
-    their last prompt tokens line up): `index` slots are written. Row b's real tokens start at slot
-    `start_B[b]` (its left pads come before and are never attended). The whole cache goes through
-    the layer loop; layer i writes its new keys and values into row i of k and v in place
-    (a dynamic-update-slice of a loop-carried buffer) and reads its own row back. `fresh`
-    (static) marks the prefill call: the cache is empty and the whole prompt is written at slot
-    0, so attention runs the configured kernel over the prompt itself rather than over the cache.
-    """
-
-    k_NBTGK: jax.Array
-    v_NBTGK: jax.Array
-    index: jax.Array  # int32 scalar
-    start_B: jax.Array  # int32 [B]
-    fresh: bool = dataclasses.field(default=False, metadata={"static": True})
-
-    @staticmethod
-    def empty(cfg: ModelConfig, batch: int, length: int, start_B) -> KVCache:
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, head_dim(cfg))
-        k, v = (constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_AXES) for _ in "kv")
-        return KVCache(k, v, jnp.zeros((), jnp.int32), start_B, fresh=True)
-
-
-def head_dim(cfg: ModelConfig) -> int:
-    return cfg.head_dim or cfg.d_model // cfg.num_heads
-
-
 def _param(rngs: nnx.Rngs, shape, names, std: float, cfg: ModelConfig) -> nnx.Param:
     init = jax.nn.initializers.normal(std)
     value = init(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
@@ -116,7 +83,7 @@ def _matmul(spec: str, x, weight: nnx.Param, dtype, **kwargs):
     w = weight.get_value()
     if isinstance(w, lora.LoraWeight):
         return lora.einsum(spec, x, w, dtype, **kwargs)
-    return quantize.einsum(spec, x, w, dtype, **kwargs)
+    return quantize.einsum(spec, x, w, dtype, cpu=attention_lib.platform() == "cpu", **kwargs)
 
 
 class Attention(nnx.Module):
@@ -168,26 +135,12 @@ class Attention(nnx.Module):
             real_BL = attention_lib.real_queries(segment_ids_BL, x_BLD.shape[:2])
             entropy_sum = (entropy_BLH * real_BL[..., None]).sum()
         if cache is not None:
-            at = (layer, 0, cache.index, 0, 0)
-            k_NBTGK = jax.lax.dynamic_update_slice(cache.k_NBTGK, k_BLGK.astype(dt)[None], at)
-            v_NBTGK = jax.lax.dynamic_update_slice(cache.v_NBTGK, v_BLGK.astype(dt)[None], at)
-            cache = dataclasses.replace(cache, k_NBTGK=k_NBTGK, v_NBTGK=v_NBTGK)
+            cache, k_BGTK, v_BGKT = kv_cache.write(cache, layer, k_BLGK, v_BLGK)
             if not cache.fresh:
                 # Decode: query l sits in slot index + l and sees the row's real slots up to it.
-                k_BTGK, v_BTGK = k_NBTGK[layer], v_NBTGK[layer]
-                L, T = q_BLHK.shape[1], k_BTGK.shape[1]
-                slot_T = jnp.arange(T)
-                allowed_BLS = ((slot_T[None, None, :] >= cache.start_B[:, None, None])
-                               & (slot_T[None, None, :] <= cache.index + jnp.arange(L)[None, :, None]))
-                if segment_ids_BL is not None:
-                    # A chunk of several segments after a shared prefix (scoring.py): each sees
-                    # the cached prefix and, among the new slots, only its own segment's.
-                    key_segment_BT = jax.lax.dynamic_update_slice(
-                        jnp.full((q_BLHK.shape[0], T), -1, jnp.int32),
-                        segment_ids_BL.astype(jnp.int32), (0, cache.index))
-                    allowed_BLS &= ((slot_T[None, None, :] < cache.index)
-                                    | (key_segment_BT[:, None, :] == segment_ids_BL[:, :, None]))
-                out_BLHK = attention_lib.masked_attention(q_BLHK, k_BTGK, v_BTGK, allowed_BLS)
+                allowed_BLT = kv_cache.allowed(cache, q_BLHK.shape[1], k_BGTK.shape[2],
+                                               segment_ids_BL)
+                out_BLHK = attention_lib.cached_attention(q_BLHK, k_BGTK, v_BGKT, allowed_BLT)
         out_BLHK = checkpoint_name(out_BLHK, "attn_out")
         return _matmul("BLHK,DHK->BLD", out_BLHK, self.w_o_DHK, dt), cache, entropy_sum
 
@@ -398,11 +351,17 @@ class Decoder(nnx.Module):
             """Block i, with the whole cache's (k, v) when decoding. Returns (x, (k, v) or None,
             the block's attention entropy sum or None)."""
             block = nnx.merge(graphdef, layer)
-            layer_cache = None if kv is None else dataclasses.replace(cache, k_NBTGK=kv[0],
-                                                                      v_NBTGK=kv[1])
+            layer_cache = None
+            if kv is not None:  # the stacked (k, v), or lists of per-layer buffers (kv_cache.py)
+                k, v = (kv[0][i], kv[1][i]) if isinstance(kv[0], list) else kv
+                layer_cache = dataclasses.replace(cache, k_NBGTK=k, v_NBGKT=v)
             x_BLD, layer_cache, entropy_sum = block(x_BLD, positions_BL, segment_ids_BL,
                                                     layer_cache, i, entropy)
-            kv = None if kv is None else (layer_cache.k_NBTGK, layer_cache.v_NBTGK)
+            if kv is not None and isinstance(kv[0], list):
+                kv = tuple([*buffers[:i], new, *buffers[i + 1:]] for buffers, new in
+                           zip(kv, (layer_cache.k_NBGTK, layer_cache.v_NBGKT), strict=True))
+            elif kv is not None:
+                kv = (layer_cache.k_NBGTK, layer_cache.v_NBGKT)
             return x_BLD, kv, entropy_sum
 
         if cfg.remat != "none" and cache is None:
@@ -445,10 +404,12 @@ class Decoder(nnx.Module):
         if cache is None:
             x_BLD, _, total = run_layers(x_BLD, layers, positions_BL, segment_ids_BL)
             return x_BLD, total
-        x_BLD, (k_NBTGK, v_NBTGK), _ = run_layers(x_BLD, layers, positions_BL, segment_ids_BL,
-                                                  (cache.k_NBTGK, cache.v_NBTGK))
-        k_NBTGK, v_NBTGK = constrain(k_NBTGK, CACHE_AXES), constrain(v_NBTGK, CACHE_AXES)
-        return x_BLD, KVCache(k_NBTGK, v_NBTGK, cache.index + x_BLD.shape[1], cache.start_B)
+        if isinstance(cache.k_NBGTK, list) and not isinstance(layers, list):
+            raise ValueError("a per-layer KV cache (KVCache.empty(per_layer=True)) needs "
+                             "per-layer weights (layers=unstack_layers(params))")
+        x_BLD, (k, v), _ = run_layers(x_BLD, layers, positions_BL, segment_ids_BL,
+                                      (cache.k_NBGTK, cache.v_NBGKT))
+        return x_BLD, KVCache(k, v, cache.index + x_BLD.shape[1], cache.start_B).constrained()
 
 
 def unstack_layers(params):

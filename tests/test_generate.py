@@ -58,9 +58,10 @@ def test_cached_decode_logits_equal_full_forward(scan, unstack):
     slots = np.arange(P)[None]
     segment_ids = (slots >= start[:, None]).astype(np.int32)
     positions = np.maximum(slots - start[:, None], 0)
-    cache = model.KVCache.empty(cfg.model, 3, P + steps, jnp.asarray(start))
+    cache = model.KVCache.empty(cfg.model, 3, P + steps, jnp.asarray(start), per_layer=unstack)
     logits, cache = step(params, layers, tokens, segment_ids, positions, cache)
-    assert int(cache.index) == P and cache.k_NBTGK.shape == (3, 3, P + steps, 2, 8)
+    k = jnp.stack(cache.k_NBGTK) if unstack else cache.k_NBGTK
+    assert int(cache.index) == P and k.shape == (3, 3, 2, P + steps, 8)
     got = [[] for _ in rows]  # per row: the logits of each step, for prefixes of growing length
     for _ in range(steps):
         for r in range(3):

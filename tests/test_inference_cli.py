@@ -61,6 +61,25 @@ def test_int8_weights_are_int8_with_per_channel_scales():
     assert np.abs(got - ref).max() > 0
 
 
+def test_cpu_int8_product_equals_the_dequantized_product():
+    # XLA:CPU's int8 path keeps the weight int8 and splits the activations into two int8 halves.
+    rng = np.random.RandomState(0)
+    x = rng.standard_normal((5, 300)).astype(np.float32) * np.array([[1e-3], [1], [50], [0], [7]])
+    x[4, 3] = -40.0  # one outlier sets its row's scale
+    hl, scale = (np.asarray(a) for a in quantize.split16(jnp.asarray(x)))
+    assert hl.dtype == np.int8 and hl.shape == (10, 300)
+    back = scale * (256.0 * hl[:5].astype(np.float64) + hl[5:])
+    assert np.all(np.abs(back - x) <= np.abs(x).max(axis=1, keepdims=True) * 2.0**-15 + 1e-30)
+    w = quantize.quantize_array(jnp.asarray(rng.standard_normal((64, 300)), jnp.float32), 1)
+    for rows in (1, 5, 40):  # both sides of quantize.SMALL_ROWS
+        xr = jnp.asarray(rng.standard_normal((rows, 300)), jnp.float32)
+        want = jnp.einsum("RI,OI->RO", xr, w.dequantize(), precision="highest")
+        got = quantize.einsum("RI,OI->RO", xr, w, jnp.float32, cpu=True)
+        assert float(jnp.abs(got - want).max()) < 1e-4 * float(jnp.abs(want).max())
+        dense = quantize.einsum("RI,OI->RO", xr, w.dequantize(), jnp.float32, cpu=True)
+        np.testing.assert_allclose(dense, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
 def test_int8_tied_table_is_quantized_for_lookup_and_output():
     cfg = config.from_dict({"model": {**SMALL["model"], "tie_embeddings": True}, "data": {"seq_len": 32}})
     lm = api.LM(cfg, model.init(cfg.model, seed=0), eos_ids=[], quantize="int8")
