@@ -1,4 +1,4 @@
-"""int8 weight-only quantization: per-output-channel absmax scales, dequantized inside jit.
+"""int8 weight-only quantization: per-output-channel absmax scales, multiplied inside jit.
 
     lm = jaxlm.load("runs/tiny", quantize="int8")
 
@@ -11,7 +11,8 @@ front of both, so the layer scan slices them like any other parameter.
 jaxlm stores weights [out, in] (HF's layout), so the contraction axes are always the trailing
 ones, and the output of every model einsum ends with the weight's output axes in order: the
 scale is applied to the matmul's output (x @ (q * s)^T = (x @ q^T) * s for a per-output scale),
-never to a dequantized copy of the weight.
+never to a dequantized copy of the weight. On GPUs and TPUs the int8 weight is converted to the
+compute dtype inside the matmul; on CPU the product runs on int8 kernels (`_int8_product`).
 
 Not qwix: on stacked layers run by a raw `lax.scan` it finds no modules to quantize and changes
 nothing, silently (../shared/DESIGN.md). This module imports nothing of jaxlm's.
