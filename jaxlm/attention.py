@@ -130,9 +130,9 @@ def probabilities(q_BLHK, k_BSGK, segment_ids_BL=None):
 def masked_attention(q_BLHK, k_BSGK, v_BSGK, allowed_BLS):
     """Attention of queries [B, L] over keys [B, S] where `allowed_BLS` (or [1, L, S]) is true.
 
-    The decode step uses it over the KV cache (L = 1, S the cache length): there the scores are
-    one row per head, so materializing them costs nothing. Every query must be allowed at least
-    one key (no row of -inf)."""
+    The reference path's core (`reference_attention`); decoding over the KV cache, whose layout
+    differs, uses `cached_attention`. Every query must be allowed at least one key (no row of
+    -inf)."""
     B, L, H, K = q_BLHK.shape
     G = k_BSGK.shape[2]
     q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K) * jnp.asarray(K**-0.5, q_BLHK.dtype)

@@ -147,8 +147,8 @@ def _int8_product(x_RI: jax.Array, q_OI: jax.Array) -> jax.Array:
     and read a float32 copy of every weight on every step, slower than the float32 model. Here
     the weight stays int8 and the activations are split into two int8 halves (`split16`), so the
     product reads one byte per weight and, up to the activations' 16-bit rounding, equals the
-    product with the dequantized weight. int32 sums cannot overflow below 2^31 / 127^2 = 133,000
-    input features."""
+    product with the dequantized weight. int32 sums cannot overflow below 2^31 / (127 * 128) =
+    132,000 input features."""
     R = x_RI.shape[0]
     x8_RI, scale_R1 = split16(x_RI)
     acc = jax.lax.dot_general(x8_RI, q_OI, (((1,), (1,)), ((), ())),
