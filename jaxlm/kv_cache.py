@@ -54,9 +54,8 @@ class KVCache:
     come before and are never attended). The whole cache goes through the layer loop; layer i
     writes its new keys and values into its buffers in place (`write`: a dynamic-update-slice of
     a loop-carried buffer) and attends over them (attention.cached_attention). `fresh` (static)
-    marks the prefill call:
-    the cache is empty and the whole prompt is written at slot 0, so attention runs the
-    configured kernel over the prompt itself rather than over the cache.
+    marks the prefill call: the cache is empty and the whole prompt is written at slot 0, so
+    attention runs the configured kernel over the prompt itself rather than over the cache.
     """
 
     k_NBGTK: jax.Array | list[jax.Array]  # stacked, or N per-layer [B, G, T, K] buffers
@@ -102,11 +101,12 @@ def write(cache: KVCache, layer, k_BLGK, v_BLGK) -> tuple[KVCache, jax.Array, ja
     return (cache, k[layer], v[layer]) if stacked else (cache, k, v)
 
 
-def allowed(cache: KVCache, L: int, T: int, segment_ids_BL=None) -> jax.Array:
+def allowed(cache: KVCache, L: int, segment_ids_BL=None) -> jax.Array:
     """[B, L, T] bool: the slots each of the L new queries (in slots index..index + L - 1, already
     written) sees: the row's real slots up to its own. With `segment_ids_BL` (scoring.py: a chunk
     of several segments after a shared prefix) each sees the cached prefix and, among the new
     slots, only its own segment's."""
+    T = cache.k_NBGTK.shape[-2]  # a layer's buffers or the stacked arrays: slots come second-last
     slot_T = jnp.arange(T)
     allowed_BLT = ((slot_T[None, None, :] >= cache.start_B[:, None, None])
                    & (slot_T[None, None, :] <= cache.index + jnp.arange(L)[None, :, None]))

@@ -138,8 +138,7 @@ class Attention(nnx.Module):
             cache, k_BGTK, v_BGKT = kv_cache.write(cache, layer, k_BLGK, v_BLGK)
             if not cache.fresh:
                 # Decode: query l sits in slot index + l and sees the row's real slots up to it.
-                allowed_BLT = kv_cache.allowed(cache, q_BLHK.shape[1], k_BGTK.shape[2],
-                                               segment_ids_BL)
+                allowed_BLT = kv_cache.allowed(cache, q_BLHK.shape[1], segment_ids_BL)
                 out_BLHK = attention_lib.cached_attention(q_BLHK, k_BGTK, v_BGKT, allowed_BLT)
         out_BLHK = checkpoint_name(out_BLHK, "attn_out")
         return _matmul("BLHK,DHK->BLD", out_BLHK, self.w_o_DHK, dt), cache, entropy_sum
