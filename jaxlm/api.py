@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import (
+    attention,
     checkpoint,
     classify,
     convert,
@@ -81,6 +82,7 @@ class LM:
         self.eos_ids = list(eos_ids) if eos_ids is not None else (
             [self.tokenizer.eos_id] if self.tokenizer and self.tokenizer.eos_id >= 0 else [])
 
+        @attention.forward_only
         def forward(params, tokens_BL, segment_ids_BL, positions_BL):
             return nnx.merge(self.graphdef, params)(tokens_BL, segment_ids_BL, positions_BL)
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm import classify, data, datasets, objectives, sharding
+from jaxlm import attention, classify, data, datasets, objectives, sharding
 from jaxlm.config import Config, ConfigError
 
 # Beyond this many bytes of validation text the gzip/xz reference is skipped: xz -9e runs at
@@ -42,6 +42,7 @@ def make_eval_step(graphdef, num_labels: int = 0):
     training loss measure the same thing. For a classifier (`num_labels`): (nll sum, weight
     sum, confusion matrix [true, predicted] of the weighted rows)."""
     if num_labels:
+        @attention.forward_only
         def classify_step(params, batch):
             logits_BC = objectives.class_logits(graphdef, params, batch)
             nll_B, _ = objectives.nll_and_lse(logits_BC, batch["labels"])
@@ -52,6 +53,7 @@ def make_eval_step(graphdef, num_labels: int = 0):
 
         return classify_step
 
+    @attention.forward_only
     def step(params, batch):
         _, (nll_sum, weight) = objectives.lm_sums(graphdef, params, batch)
         # int32: exact (float32 would round past 2**24 bytes), enough for 2 GB of text.

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import model, quantize, sharding
+from jaxlm import attention, model, quantize, sharding
 from jaxlm.config import ModelConfig
 
 MAX_EOS = 4  # EOS ids are a padded array of at least this size (more ids: a larger bucket)
@@ -144,6 +144,7 @@ def make_prefill(cfg: ModelConfig, graphdef, buffer: int):
     settings) -> DecodeState after the first emitted token, chosen among `first_allowed` (token
     healing). The cache has P + buffer slots. `layers`: None, or `model.unstack_layers(params)`."""
 
+    @attention.forward_only
     def prefill(params, layers, tokens_BP, start_B, active_B, first_allowed_BV, seed, s: Settings):
         B, P = tokens_BP.shape
         segment_ids_BP, positions_BP = left_padded(start_B, P)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import model, sharding
+from jaxlm import attention, model, sharding
 from jaxlm.generate import GenerateError, batch_bucket, bucket, left_padded
 
 TOKENS_PER_BATCH = 8192  # tokens per jitted forward (bounds the [rows, length, vocab] logits)
@@ -39,6 +39,7 @@ class Score(NamedTuple):
 
 
 def make_score_step(graphdef):
+    @attention.forward_only
     def step(params, inputs_BL, targets_BL, segment_ids_BL, positions_BL):
         logits_BLV = nnx.merge(graphdef, params)(inputs_BL, segment_ids_BL, positions_BL)
         logprobs_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
@@ -169,6 +170,7 @@ def make_shared_step(cfg, graphdef):
     continuation's first token is scored from the context's last logits, the others from the
     chunk's."""
 
+    @attention.forward_only
     def step(params, context_BP, start_B, inputs_BC, segment_ids_BC, positions_BC, targets_BC,
              first_BJ):
         B, P = context_BP.shape

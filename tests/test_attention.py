@@ -82,6 +82,26 @@ def test_xla_kernel_matches_reference_values_and_gradients(per_head, B, L, H, G,
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=f"d{name}")
 
 
+def test_forward_only_runs_the_heads_batched_on_cpu():
+    """A program traced under `forward_only` (scoring, prefill, evaluation) runs the xla kernel's
+    (row, kv head) pairs batched on CPU, with no loop over them, and gives the same values and
+    gradients; outside it, and after it, the CPU path loops again."""
+    q, k, v, seg = qkv()
+
+    def loops(fn):
+        return "scan" in str(jax.make_jaxpr(fn)(q, k, v, seg))
+
+    batched = attention.forward_only(attention.xla_attention)
+    assert loops(attention.xla_attention)
+    assert not loops(batched)
+    assert loops(attention.xla_attention)
+    np.testing.assert_allclose(jax.jit(batched)(q, k, v, seg),
+                               jax.jit(attention.xla_attention)(q, k, v, seg), atol=1e-6)
+    for a, b in zip(grads_of(batched, q, k, v, seg), grads_of(attention.xla_attention, q, k, v, seg),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_xla_kernel_keeps_no_score_matrix_for_the_backward_pass():
     """Its residuals are q, k, v, the output and the log-sum-exp: nothing of size [L, S]."""
     q, k, v, seg = qkv(B=2, L=256, H=4, G=2, K=16)

@@ -7,6 +7,10 @@ which lm-eval's `hf` model (torch, CPU, float32) loads; jaxlm's harness runs the
 process. Each task runs once untimed on each side (jaxlm compiles, torch warms up), then timed
 `--repeats` times; the median is reported. Requests are what lm-eval hands the model: 4 per
 multiple-choice document, one per rolling document (its windows are not counted).
+Two times per run: `seconds`, the whole `simple_evaluate` call (what a user waits for, task
+building and metrics included, the same work on both sides), and `model_seconds`, the time
+inside the backend's own request methods (`loglikelihood`, `loglikelihood_rolling`,
+`generate_until`, each with its tokenization), which is where the two backends differ.
 Prints one JSON line per task and backend.
 """
 
@@ -22,6 +26,23 @@ import torch
 
 import jaxlm
 from jaxlm import harness  # sets the offline switches before lm_eval is imported
+
+REQUEST_METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+def timed_methods(model, spent: list[float]):
+    """Wrap the model's request methods so that their time adds up in spent[0]."""
+    for name in REQUEST_METHODS:
+        method = getattr(model, name)
+
+        def timed(*args, _method=method, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        setattr(model, name, timed)
 
 
 def main():
@@ -47,20 +68,25 @@ def main():
                   add_bos_token=task != "stdlib_ppl")
         ours = harness.HarnessLM(lm)
         for name, model in (("jaxlm", ours), ("lm-eval hf", hf)):
-            times = []
+            times, model_times, spent = [], [], [0.0]
+            timed_methods(model, spent)
             for n in range(args.repeats + 1):
+                spent[0] = 0.0
                 start = time.perf_counter()
                 results = harness.lm_eval.simple_evaluate(
                     model=model, tasks=[task], task_manager=manager, limit=args.limit,
                     bootstrap_iters=0, log_samples=False, torch_random_seed=None)
                 if n:
                     times.append(time.perf_counter() - start)
+                    model_times.append(spent[0])
             if name == "jaxlm":
                 requests = ours.requests_scored // (args.repeats + 1)
-            seconds = statistics.median(times)
+            seconds, model_seconds = statistics.median(times), statistics.median(model_times)
             print(json.dumps({"task": task, "backend": name, "requests": requests,
                               "seconds": round(seconds, 3),
                               "requests_per_sec": round(requests / seconds, 1),
+                              "model_seconds": round(model_seconds, 3),
+                              "model_requests_per_sec": round(requests / model_seconds, 1),
                               "metrics": harness.main_metrics(results)}), flush=True)
 
 
