@@ -241,14 +241,15 @@ class Decoder(nnx.Module):
             self.w_out_VD = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, cfg)
 
     def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, *,
-                 cache: KVCache | None = None, last_only: bool = False, layers=None,
-                 attention_entropy: bool = False):
+                 cache: KVCache | None = None, last_only: bool = False, at_BS=None,
+                 layers=None, attention_entropy: bool = False):
         """Logits for `tokens_BL`. Packed rows pass `segment_ids_BL` (attention stays within a
         segment) and `positions_BL` (RoPE positions restarting at 0 in each segment).
 
         With `cache`, returns (logits, cache) with the tokens' keys and values written at
         `cache.index` (jaxlm/generate.py). `last_only` computes the logits of the last position
         only ([B, 1, V]): a prefill needs no more, and [B, L, V] would be the largest buffer.
+        `at_BS` (int [B, S]) computes the logits of those positions of each row only ([B, S, V]).
         `layers`, a list of one State per layer (`unstack_layers`), runs the blocks from those
         instead of the stacked params, unrolled (see `unstack_layers` for why).
 
@@ -263,6 +264,8 @@ class Decoder(nnx.Module):
                                     layers)
         if last_only:
             x_BLD = x_BLD[:, -1:]
+        elif at_BS is not None:
+            x_BLD = jnp.take_along_axis(x_BLD, at_BS[..., None], axis=1)
         logits_BLV = self.project(x_BLD)
         return logits_BLV if cache is None else (logits_BLV, cache)
 

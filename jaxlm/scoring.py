@@ -39,12 +39,19 @@ class Score(NamedTuple):
 
 
 def make_score_step(graphdef):
+    """(params, inputs, targets, segment ids, positions [B, L], scored positions at_BS [B, S])
+    -> (log-probability of the target, whether it is the argmax) at each scored position [B, S].
+    The output layer runs at the scored positions only: a continuation is a few tokens of a
+    long row, and [B, L, V] is most of a forward's memory traffic."""
+
     @attention.forward_only
-    def step(params, inputs_BL, targets_BL, segment_ids_BL, positions_BL):
-        logits_BLV = nnx.merge(graphdef, params)(inputs_BL, segment_ids_BL, positions_BL)
-        logprobs_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
-        target_BL = jnp.take_along_axis(logprobs_BLV, targets_BL[..., None], axis=-1)[..., 0]
-        return target_BL, jnp.argmax(logits_BLV, axis=-1) == targets_BL
+    def step(params, inputs_BL, targets_BL, segment_ids_BL, positions_BL, at_BS):
+        logits_BSV = nnx.merge(graphdef, params)(inputs_BL, segment_ids_BL, positions_BL,
+                                                 at_BS=at_BS)
+        targets_BS = jnp.take_along_axis(targets_BL, at_BS, axis=1)
+        logprobs_BSV = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
+        target_BS = jnp.take_along_axis(logprobs_BSV, targets_BS[..., None], axis=-1)[..., 0]
+        return target_BS, jnp.argmax(logits_BSV, axis=-1) == targets_BS
 
     return step
 
@@ -143,22 +150,27 @@ def _score_packed(step_fn, params, segments, chosen, results, max_seq_len, mesh,
     for lo in range(0, len(rows), per_batch):
         group = rows[lo: lo + per_batch]
         B = min(per_batch, batch_bucket(len(group), shards))
+        scored = max(sum(segments[i][2] for i in members) for members in group)
+        S = min(-(-scored // 16) * 16, R)
         arrays = np.zeros((4, B, R), np.int32)  # inputs, targets, segment ids, positions
-        where = []  # (request, row, first target column, continuation length)
+        at_BS = np.zeros((B, S), np.int32)  # the scored columns of each row, then column 0
+        where = []  # (request, row, first of its entries in at_BS, continuation length)
         for r, members in enumerate(group):
-            col = 0
+            col = used = 0
             for seg, i in enumerate(members, start=1):
                 inputs, targets, n_cont = segments[i]
                 n = len(inputs)
                 arrays[0, r, col:col + n], arrays[1, r, col:col + n] = inputs, targets
                 arrays[2, r, col:col + n], arrays[3, r, col:col + n] = seg, np.arange(n)
-                where.append((i, r, col + n - n_cont, n_cont))
-                col += n
-        logprob_BL, greedy_BL = step_fn(params, *(jax.device_put(a, placed) for a in arrays))
-        logprob_BL, greedy_BL = sharding.fetch(logprob_BL), sharding.fetch(greedy_BL)
+                at_BS[r, used:used + n_cont] = np.arange(col + n - n_cont, col + n)
+                where.append((i, r, used, n_cont))
+                col, used = col + n, used + n_cont
+        logprob_BS, greedy_BS = step_fn(params, *(jax.device_put(a, placed) for a in arrays),
+                                        jax.device_put(at_BS, placed))
+        logprob_BS, greedy_BS = sharding.fetch(logprob_BS), sharding.fetch(greedy_BS)
         for i, r, c, n in where:
-            results[i] = Score(float(logprob_BL[r, c:c + n].astype(np.float64).sum()), n,
-                               bool(greedy_BL[r, c:c + n].all()))
+            results[i] = Score(float(logprob_BS[r, c:c + n].astype(np.float64).sum()), n,
+                               bool(greedy_BS[r, c:c + n].all()))
 
 
 def make_shared_step(cfg, graphdef):
