@@ -3,9 +3,10 @@
 Each request becomes one segment, context + continuation with targets shifted by one, and
 segments are packed first-fit (longest first) into rows of a bucketed length, with segment ids
 and positions restarting at 0, so a request scores exactly as it would alone (the model never
-attends across segments). One jitted forward per batch of rows returns, per token, the target's
-log-probability and whether it is the argmax; the host sums them over each continuation. The
-[rows, length, vocab] logits stay inside the jitted program.
+attends across segments). One jitted forward per batch of rows returns, at each scored position
+(the continuations' tokens, where alone the output layer runs), the target's log-probability and
+whether it is the argmax; the host sums them over each continuation. The logits stay inside the
+jitted program. Every program here is forward-only (`attention.forward_only`).
 
 Requests that share their whole context (the choices of a multiple-choice question) go another
 way when asked (`shared_fn`): each distinct context runs once, as a prefill into a KV cache,

