@@ -26,10 +26,12 @@ import hashlib
 import json
 import re
 import unicodedata
-
-from datasketch import MinHash, MinHashLSH
+from typing import TYPE_CHECKING
 
 from jaxlm.config import DataConfig
+
+if TYPE_CHECKING:
+    from datasketch import MinHash
 
 REPLACEMENT = "\ufffd"
 # What each step removed (or, for the two normalisations, changed), as written to the summary.
@@ -90,8 +92,13 @@ class Cleaner:
         self.settings = settings
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
         self._hashes: set[bytes] = set()
-        self._lsh = (MinHashLSH(threshold=settings.near, num_perm=settings.num_perm)
-                     if settings.near > 0 else None)
+        # datasketch (and the scipy it imports, ~0.8 s) only when near duplicates are looked for:
+        # every `jaxlm` command imports this module through datasets.py.
+        self._lsh = None
+        if settings.near > 0:
+            from datasketch import MinHashLSH
+
+            self._lsh = MinHashLSH(threshold=settings.near, num_perm=settings.num_perm)
         self._kept: dict[int, MinHash] = {}
 
     def normalize(self, text: str, count: bool = True) -> str:
@@ -143,6 +150,8 @@ class Cleaner:
         n = self.settings.shingle
         shingles = {" ".join(words[i:i + n]).encode("utf-8", "surrogatepass")
                     for i in range(max(1, len(words) - n + 1))}
+        from datasketch import MinHash
+
         sketch = MinHash(num_perm=self.settings.num_perm)
         sketch.update_batch(sorted(shingles))
         if any(self._kept[k].jaccard(sketch) >= self.settings.near for k in self._lsh.query(sketch)):

@@ -19,15 +19,18 @@ on its schedule, `jaxlm eval` (api.evaluate_workdir) calls it on a checkpoint.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import lzma
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm import attention, classify, data, datasets, objectives, sharding
+from jaxlm import attention, classify, data, datasets, objectives, paths, sharding
 from jaxlm.config import Config, ConfigError
 
 # Beyond this many bytes of validation text the gzip/xz reference is skipped: xz -9e runs at
@@ -161,6 +164,27 @@ def compression_reference(docs: list[bytes]) -> dict:
     }
 
 
+def cached_compression_reference(docs: list[bytes], data_dir: str) -> dict:
+    """`compression_reference(docs)`, kept in `data_dir/compression/` under a hash of the
+    documents: the figures depend on the bytes only, and xz -9e takes ~1.5 s of every `jaxlm
+    train` on the embedded split. A cache that cannot be written is skipped."""
+    key = hashlib.sha256()
+    for doc in docs:
+        key.update(len(doc).to_bytes(8, "little") + doc)
+    path = os.path.join(data_dir, "compression", f"{key.hexdigest()[:32]}-xz{XZ_PRESET}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    ref = compression_reference(docs)
+    try:
+        paths.write_text(path, json.dumps(ref))
+    except OSError:
+        pass
+    return ref
+
+
 def reference_line(cfg: Config, result: dict) -> tuple[str, dict]:
     """The end-of-training line comparing the model (`evaluate`'s result) with gzip and xz on the
     validation text, and the figures as a dict (empty when the split is too big to compress).
@@ -171,7 +195,7 @@ def reference_line(cfg: Config, result: dict) -> tuple[str, dict]:
     docs = split_documents(cfg)
     if docs is None:
         return f"{head}; no gzip/xz reference: the split is over {COMPRESS_MAX_BYTES >> 20} MiB", {}
-    ref = compression_reference(docs)
+    ref = cached_compression_reference(docs, datasets.local_data_dir(cfg.data))
     return (f"{head}; on the split's {ref['bytes']:,} bytes gzip -9 gives "
             f"{ref['gzip_bits_per_byte']:.3f} / {ref['gzip_file_bits_per_byte']:.3f} and xz -9e "
             f"{ref['xz_bits_per_byte']:.3f} / {ref['xz_file_bits_per_byte']:.3f} "

@@ -103,8 +103,7 @@ class Writer:
         if not self.enabled:
             return
         self.jsonl = paths.Appender(paths.join(workdir, "metrics.jsonl"))
-        from tensorboardX import SummaryWriter  # writes gs:// itself, with google-cloud-storage
-
+        SummaryWriter = _summary_writer_class()
         self.tb = SummaryWriter(paths.join(workdir, "tensorboard"), flush_secs=10)
         if sys.stdout.isatty():
             from tqdm import tqdm
@@ -175,3 +174,19 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter (it writes gs:// itself, with google-cloud-storage), imported
+    without torch: tensorboardX imports torch when it is installed, only to accept torch tensors,
+    which jaxlm never hands it, and that import is 1.4 s of every `jaxlm train` on a machine with
+    torch (the dev extra has it). A torch imported already is left as it is."""
+    if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter

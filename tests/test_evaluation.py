@@ -195,3 +195,18 @@ def test_compression_reference_whole_split_and_file_by_file():
     assert ref["xz_bits_per_byte"] < 0.5 * ref["xz_file_bits_per_byte"]
     assert ref["gzip_bits_per_byte"] < 0.5 * ref["gzip_file_bits_per_byte"]
     assert ref["xz_file_bits_per_byte"] < 8 and ref["gzip_file_bits_per_byte"] < 8
+
+
+def test_compression_reference_cache_keys_on_the_bytes(tmp_path):
+    docs = [UNICODE.encode(), b"def f(x):\n    return x + 1\n" * 20]
+    first = evaluation.cached_compression_reference(docs, str(tmp_path))
+    assert first == evaluation.compression_reference(docs)
+    (kept,) = (tmp_path / "compression").iterdir()
+    # A second call reads the file: a figure planted there comes back.
+    planted = dict(first, gzip_bits_per_byte=-1.0)
+    kept.write_text(json.dumps(planted))
+    assert evaluation.cached_compression_reference(docs, str(tmp_path)) == planted
+    # The same bytes split differently are other documents (file-by-file figures differ).
+    joined = evaluation.cached_compression_reference([b"".join(docs)], str(tmp_path))
+    assert joined == evaluation.compression_reference([b"".join(docs)])
+    assert len(list((tmp_path / "compression").iterdir())) == 2

@@ -111,7 +111,7 @@ def test_gs_workdir_and_data_dir_train_kill_resume_bitwise(gcs, tmp_path, stdlib
     """Data prepared into and read from gs://, a run in gs:// killed with SIGKILL after its first
     checkpoint and resumed: the same parameters, bitwise, and the same losses as an uninterrupted
     run with a local workdir and local data; then load, logits and eval from gs://."""
-    steps = 40
+    steps = 16
     overrides = {"train.steps": steps, "checkpoint.every": 4}
     local = str(tmp_path / "local")
     out = subprocess.run(_cmd("train", *_flags(stdlib_data_dir, **overrides), f"--workdir={local}"),
