@@ -295,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     if command in COMMANDS and any(a in ("-h", "--help", "--helpfull") for a in rest[1:]):
         print(f"jaxlm {command}: {COMMANDS[command]}\n\n{USAGE}", end="")
         return 0
-    from jaxlm import checkpoint, convert, datasets, generate, lora, tokenizer, train
+    from jaxlm import checkpoint, compile_cache, convert, datasets, generate, lora, tokenizer, train
 
+    if command not in ("aot", "bench"):  # these two report compile seconds
+        compile_cache.enable()
     try:
         if command not in HANDLERS:
             raise UsageError(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")

@@ -268,3 +268,57 @@ def test_cli_errors(args, named):
     assert out.returncode == 2, (out.stdout, out.stderr)
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], out.stderr
+
+
+def test_commands_keep_compiled_programs_on_disk(tmp_path, data_dir):
+    """Outside the suite's own cache, `jaxlm` keeps compiled programs under $XDG_CACHE_HOME
+    (jaxlm/compile_cache.py): a second run reads them (no new entry, each read stamped) and
+    trains to the same bits; JAXLM_COMPILE_CACHE names another directory, or turns it off."""
+    suite_cache = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "JAXLM_COMPILE_CACHE")
+    base = {k: v for k, v in env().items() if k not in suite_cache}
+
+    def run(*args, **extra):
+        out = subprocess.run(jaxlm_cmd(*args), capture_output=True, text=True, timeout=300,
+                             env={**base, "XDG_CACHE_HOME": str(tmp_path / "xdg"), **extra})
+        assert out.returncode == 0, out.stderr
+        return last_json(out.stdout)
+
+    def entries(directory):
+        return {p.name: p.with_name(p.name.removesuffix("-cache") + "-atime").read_bytes()
+                for p in directory.glob("*-cache")}
+
+    flags = flags_for(data_dir, **{"train.steps": 2})
+    first = run("train", *flags, f"--workdir={tmp_path / 'one'}")
+    cache = tmp_path / "xdg" / "jaxlm" / "xla"
+    written = entries(cache)
+    assert any(name.startswith("jit_") for name in written), sorted(written)
+    second = run("train", *flags, f"--workdir={tmp_path / 'two'}")
+    read = entries(cache)
+    assert read.keys() == written.keys()  # every program came from the cache
+    assert all(read[name] != written[name] for name in written)  # and each entry was read
+    assert second["eval_loss"] == first["eval_loss"]
+    for a, b in zip(jax.tree.leaves(params_of(str(tmp_path / "one"))),
+                    jax.tree.leaves(params_of(str(tmp_path / "two"))), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    mine = tmp_path / "mine"
+    evaluated = run("eval", f"--workdir={tmp_path / 'one'}", JAXLM_COMPILE_CACHE=str(mine))
+    assert evaluated["eval_loss"] == first["eval_loss"] and entries(mine)
+    run("eval", f"--workdir={tmp_path / 'one'}", JAXLM_COMPILE_CACHE="off",
+        XDG_CACHE_HOME=str(tmp_path / "unused"))
+    assert not (tmp_path / "unused").exists()
+
+
+def test_compile_cache_leaves_jax_own_setting_alone(monkeypatch, tmp_path):
+    from jaxlm import compile_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # jax's way to say: no cache
+    assert compile_cache.enable() is None
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "theirs"))
+    assert compile_cache.enable() == str(tmp_path / "theirs")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("JAXLM_COMPILE_CACHE", "OFF")
+    assert compile_cache.enable() is None
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "theirs").exists()
