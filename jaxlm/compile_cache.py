@@ -16,6 +16,12 @@ bitwise); the commands turn that on:
 In a multi-process run only process 0 writes entries (jax's rule); the others read them when the
 directory is shared. `jaxlm aot` and `jaxlm bench` report compile seconds, so they compile
 afresh. A directory that cannot be created means no cache, and nothing else changes.
+
+jax writes an entry in place, and never over an existing one: an entry cut short (a process
+killed while writing it, a full disk) is read back as "Error reading persistent compilation
+cache entry for '<program>'", a warning, and that program compiles afresh on every run until the
+directory is deleted (checked: entries truncated by hand, then `jaxlm generate` warned, compiled
+and gave the same tokens).
 """
 
 from __future__ import annotations
