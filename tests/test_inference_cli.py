@@ -214,6 +214,9 @@ def test_cli_evaluate_writes_results(workdir, tmp_path):
     assert summary["metrics"]["stdlib_ppl/bits_per_byte"] > 0 and summary["step"] == 40
     full = json.loads(out.read_text())
     assert full["results"]["stdlib_mc"]["acc,none"] == summary["metrics"]["stdlib_mc/acc"]
+    # The environment recorded is jaxlm's (lm-eval's own would import torch to describe it).
+    assert full["pretty_env_info"].startswith("jaxlm version: ")
+    assert f"jax version: {jax.__version__}" in full["pretty_env_info"]
     # The in-training run of the same task on the same final parameters agrees.
     with open(f"{workdir}/metrics.jsonl") as f:
         last = [r for r in map(json.loads, f) if "stdlib_mc/acc" in r][-1]
